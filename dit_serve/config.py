@@ -1,0 +1,61 @@
+"""Typed settings: one `Settings` per process, built by `get_settings()`, every field an env variable."""
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "DIT_"
+
+
+class Device(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class StorageBackend(str, Enum):
+    LOCAL = "local"
+    S3 = "s3"
+
+
+class Settings(BaseSettings):
+    """Configuration for the API, the workers and `dit-serve up`; env names are DIT_<FIELD>."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # REDIS_URL is the name every Redis tool knows; DIT_REDIS_URL also works.
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "DIT_REDIS_URL"))
+    data_dir: Path = Path("./data")
+    output_dir: Path = Path("./data/outputs")
+    storage: StorageBackend = StorageBackend.LOCAL
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    # Models served by a worker, as NAME=PATH (a diffusers-format directory). Empty: the defaults.
+    models: list[str] = Field(default_factory=list)
+    default_model: str | None = None
+    device: Device = Device.AUTO
+    max_batch: int = Field(16, ge=1, le=1024)
+    max_wait_ms: int = Field(20, ge=0, le=60_000)
+    worker_name: str | None = None
+
+    # Crash safety: a held job whose heartbeat is older than heartbeat_ttl_s goes back to the queue
+    # (at most job_retries times) or fails with worker_lost. ttl + reap interval must stay under 60 s.
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_ttl_s: int = Field(30, ge=2)
+    reap_interval_s: float = Field(5.0, gt=0)
+    job_retries: int = Field(2, ge=0, le=10)
+    # How long finished, failed and canceled jobs (and their records) stay visible.
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    log_level: str = "info"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment, with explicit overrides (CLI flags) taking precedence."""
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})  # type: ignore[arg-type]

@@ -1,0 +1,113 @@
+"""Queue operations shared by the API and the workers: enqueue, cancel, and reaping lost jobs.
+
+Every state change that must not race a worker is one Lua script, so it is atomic in Redis.
+"""
+
+import logging
+import time
+from typing import Literal
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
+
+from dit_serve.jobs import (
+    TASK_FUNCTION,
+    RecordField,
+    queue_name,
+    record_key,
+    rq_job_key,
+    wake_key,
+)
+
+log = logging.getLogger(__name__)
+
+QUEUE_PREFIX = queue_name("")
+MAX_WAKE_TOKENS = 64
+
+# KEYS: rq job, our record, the queue list, the canceled registry.
+# ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds.
+_CANCEL_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'queued' or status == 'scheduled' or status == 'deferred' or status == 'created' then
+  redis.call('LREM', KEYS[3], 0, ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', ARGV[2])
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+  redis.call('HSET', KEYS[2], 'completed_at', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  return 'canceled'
+elseif status == 'started' then
+  redis.call('HSET', KEYS[2], 'cancel', '1')
+  return 'cancel_requested'
+end
+return status
+"""
+
+CancelOutcome = Literal["canceled", "cancel_requested", "missing"] | str
+
+
+def rq_timestamp(unix: float | None = None) -> str:
+    """The UTC timestamp format RQ stores in job hashes."""
+    unix = time.time() if unix is None else unix
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix)) + f".{int(unix % 1 * 1e6):06d}Z"
+
+
+def enqueue_job(
+    redis: Redis, job_id: str, model: str, record: dict[str, str], *, retries: int, ttl_s: int
+) -> None:
+    """Write the job's record, then put it on its model's RQ queue and wake one idle worker."""
+    name = queue_name(model)
+    redis.hset(record_key(job_id), mapping=record)
+    Queue(name, connection=redis).enqueue(
+        TASK_FUNCTION,
+        job_id,
+        job_id=job_id,
+        retry=Retry(max=retries) if retries else None,
+        result_ttl=ttl_s,
+        failure_ttl=ttl_s,
+        job_timeout=-1,
+        description=f"dit-serve {record.get(RecordField.KIND.value, 'job')} on {model}",
+    )
+    with redis.pipeline() as pipe:
+        pipe.lpush(wake_key(name), "1")
+        pipe.ltrim(wake_key(name), 0, MAX_WAKE_TOKENS - 1)
+        pipe.execute()
+
+
+def cancel_job(redis: Redis, job_id: str, model: str, ttl_s: int) -> CancelOutcome:
+    """Cancel a queued job at once, or flag a running one for its worker; returns what happened."""
+    name = queue_name(model)
+    queue = Queue(name, connection=redis)
+    canceled = CanceledJobRegistry(name, connection=redis)
+    now = time.time()
+    result = redis.register_script(_CANCEL_SCRIPT)(
+        keys=[rq_job_key(job_id), record_key(job_id), queue.key, canceled.key],
+        args=[job_id, rq_timestamp(now), now + ttl_s, now, ttl_s],
+    )
+    return result.decode() if isinstance(result, bytes) else str(result)
+
+
+def queue_position(redis: Redis, model: str, job_id: str) -> int | None:
+    """0 for the job at the head of its queue; None when it is not in the queue."""
+    position = redis.lpos(Queue(queue_name(model), connection=redis).key, job_id)
+    return int(position) if position is not None else None  # type: ignore[arg-type]
+
+
+def dit_queues(redis: Redis) -> list[Queue]:
+    return [queue for queue in Queue.all(connection=redis) if queue.name.startswith(QUEUE_PREFIX)]
+
+
+def reap_lost_jobs(redis: Redis) -> None:
+    """Requeue (or fail, when out of retries) jobs whose worker stopped heartbeating.
+
+    RQ's own `StartedJobRegistry.cleanup` does exactly this for expired entries, but RQ only runs it
+    inside a worker's maintenance every 10 minutes; the API and every dit-serve worker call this
+    every few seconds, so a lost job is back in the queue within heartbeat_ttl_s + reap_interval_s.
+    """
+    for queue in dit_queues(redis):
+        try:
+            StartedJobRegistry(queue.name, connection=redis).cleanup()
+        except Exception:  # one bad job record must not stop the reaping of the rest
+            log.exception("reaping queue %s failed", queue.name)

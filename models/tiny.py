@@ -1,0 +1,114 @@
+"""Tiny randomly initialised DiT pipelines, built from config and saved to disk.
+
+`dit-serve up` serves these until the trained bundled models land (issue 3): the whole path is
+real (diffusers-format directories, latent diffusion through a VAE, adaLN-Zero DiTs, CFG), but the
+weights are random, so the images and videos are structured noise, not shapes.
+Tests build them too, so the real loading code runs on real files.
+"""
+
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+from models.space_time_dit import SpaceTimeDiTModel
+
+IMAGE_SIZE = 32  # pixels; the VAE maps 32x32x3 to 8x8x4
+LATENT_CHANNELS = 4
+VAE_BLOCKS = (32, 64, 64)  # three blocks: two 2x downsamplings
+NULL_CLASS_ID = 1000  # DiTPipeline hard-codes 1000 as the CFG null class, so keep 1000 embeddings
+VIDEO_FRAMES = 16
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Random weights at this scale give every layer (adaLN-Zero gates included) a non-zero effect.
+INIT_STD = 0.05
+
+
+def shape_labels() -> list[str]:
+    return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Overwrite every parameter, so zero-initialised adaLN-Zero layers do not make the output zero."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
+
+
+def _vae(generator: torch.Generator) -> AutoencoderKL:
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
+        block_out_channels=VAE_BLOCKS,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=32,
+        sample_size=IMAGE_SIZE,
+    )
+    _randomise(vae, generator)
+    return vae
+
+
+def _scheduler() -> DDIMScheduler:
+    # DiT's training schedule: 1000 linear betas from 1e-4 to 0.02.
+    return DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
+
+
+def _write_index(path: Path, class_name: str, transformer: tuple[str, str], labels: list[str]) -> None:
+    index = {
+        "_class_name": class_name,
+        "_diffusers_version": diffusers.__version__,
+        "transformer": list(transformer),
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_tiny_image_model(path: Path, seed: int = 0, hidden_heads: int = 2) -> Path:
+    """Save a random class-conditional DiT image pipeline (DiTPipeline layout) to `path`."""
+    generator = torch.Generator().manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=hidden_heads,
+        attention_head_dim=16,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,  # learned sigma, like DiT-XL/2
+        num_layers=2,
+        sample_size=IMAGE_SIZE // 4,
+        patch_size=2,
+        num_embeds_ada_norm=NULL_CLASS_ID,
+    )
+    _randomise(transformer, generator)
+    path.mkdir(parents=True, exist_ok=True)
+    transformer.save_pretrained(path / "transformer")
+    _vae(generator).save_pretrained(path / "vae")
+    _scheduler().save_pretrained(path / "scheduler")
+    _write_index(path, "DiTPipeline", ("diffusers", "DiTTransformer2DModel"), shape_labels())
+    return path
+
+
+def build_tiny_video_model(path: Path, seed: int = 0) -> Path:
+    """Save a random class-conditional space-time DiT video pipeline to `path`."""
+    generator = torch.Generator().manual_seed(seed)
+    transformer = SpaceTimeDiTModel(
+        sample_size=IMAGE_SIZE // 4,
+        num_frames=VIDEO_FRAMES,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_embeds_ada_norm=NULL_CLASS_ID,
+    )
+    _randomise(transformer, generator)
+    path.mkdir(parents=True, exist_ok=True)
+    transformer.save_pretrained(path / "transformer")
+    _vae(generator).save_pretrained(path / "vae")
+    _scheduler().save_pretrained(path / "scheduler")
+    labels = [f"{label} moving {direction}" for label in shape_labels() for direction in ("left", "right", "up", "down")]
+    _write_index(path, "SpaceTimeDiTPipeline", ("models.space_time_dit", "SpaceTimeDiTModel"), labels)
+    return path

@@ -1,0 +1,103 @@
+"""`dit-serve worker`: load the models once, then serve their queues until SIGTERM."""
+
+import logging
+import os
+import signal
+import socket
+import uuid
+from pathlib import Path
+
+import torch
+from redis import Redis
+
+from dit_serve.config import Device, Settings
+from dit_serve.storage import make_storage
+from models.loading import LoadedModel, ModelLoadError, load_model
+from models.tiny import build_tiny_image_model, build_tiny_video_model
+from worker.runner import Worker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+# Served when no --model is given: tiny random-weight pipelines built on first start (see models/tiny.py).
+DEFAULT_MODELS = {"dit-image-tiny": build_tiny_image_model, "dit-video-tiny": build_tiny_video_model}
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if device is Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device.value)
+
+
+def parse_model_sources(entries: list[str]) -> dict[str, Path]:
+    """NAME=PATH entries (from --model or DIT_MODELS) to a name -> directory map."""
+    sources: dict[str, Path] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--model {entry!r}: expected NAME=PATH, e.g. my-dit=/models/DiT-XL-2-256")
+        if ":" in name or "|" in name:
+            raise SystemExit(f"--model {entry!r}: a model name may not contain ':' or '|'")
+        sources[name] = Path(path)
+    return sources
+
+
+def default_model_sources(data_dir: Path) -> dict[str, Path]:
+    """The default models' directories, built (random weights, fixed seed) the first time."""
+    sources = {}
+    for name, build in DEFAULT_MODELS.items():
+        path = data_dir / "models" / name
+        if not (path / "model_index.json").is_file():
+            log.info("building the default model %s in %s (random weights)", name, path)
+            build(path)
+        sources[name] = path
+    return sources
+
+
+def load_models(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
+    sources = parse_model_sources(settings.models) or default_model_sources(settings.data_dir)
+    try:
+        return {name: load_model(name, path, device) for name, path in sources.items()}
+    except ModelLoadError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+def run_worker(settings: Settings) -> None:
+    """Start a worker process and block until it is told to stop."""
+    if not settings.redis_url:
+        raise SystemExit("dit-serve worker needs --redis-url (or REDIS_URL); `dit-serve up` starts one for you")
+    device = resolve_device(settings.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_grad_enabled(False)
+    models = load_models(settings, device)
+    storage = make_storage(
+        settings.storage.value,
+        output_dir=settings.output_dir,
+        s3_bucket=settings.s3_bucket,
+        s3_prefix=settings.s3_prefix,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_region=settings.s3_region,
+    )
+    storage.check()
+    name = settings.worker_name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    config = WorkerConfig(
+        name=name,
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        heartbeat_ttl_s=settings.heartbeat_ttl_s,
+        reap_interval_s=settings.reap_interval_s,
+        job_ttl_s=settings.job_ttl_s,
+    )
+    worker = Worker(config, Redis.from_url(settings.redis_url), models, storage)
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing the current batch, then stopping", signum)
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    with torch.inference_mode():
+        worker.serve_forever()

@@ -1,0 +1,41 @@
+"""Turn a finished job's pixels into stored files and the output descriptions the API reports."""
+
+import numpy as np
+
+from dit_serve.storage import Storage, output_key
+from worker.batching import JobTicket
+from worker.encoding import IMAGE_FORMATS, VIDEO_FORMATS, encode_image, encode_video, extension_for
+
+
+def store_outputs(storage: Storage, ticket: JobTicket, pixels: list[np.ndarray]) -> list[dict[str, object]]:
+    """Encode and store each output of a job.
+
+    Args:
+        storage: where outputs go (written atomically).
+        ticket: the job.
+        pixels: one array per output: (H, W, 3) uint8 for images, (F, H, W, 3) for videos.
+
+    Returns:
+        One description per output, in index order.
+    """
+    request = ticket.request
+    fmt = str(request["output_format"])
+    video = ticket.kind == "video"
+    content_type = (VIDEO_FORMATS if video else IMAGE_FORMATS)[fmt]
+    outputs: list[dict[str, object]] = []
+    for index, array in enumerate(pixels):
+        data = encode_video(array, int(request["fps"]), fmt) if video else encode_image(array, fmt)
+        storage.put(output_key(ticket.job_id, index, extension_for(fmt)), data, content_type)
+        output: dict[str, object] = {
+            "index": index,
+            "content_type": content_type,
+            "width": int(array.shape[-2]),
+            "height": int(array.shape[-3]),
+            "seed": int(request["seed"]) + index,
+            "bytes": len(data),
+            "key": output_key(ticket.job_id, index, extension_for(fmt)),
+        }
+        if video:
+            output["num_frames"] = int(array.shape[0])
+        outputs.append(output)
+    return outputs

@@ -1,0 +1,168 @@
+"""The worker's side of the queue: take a batch of compatible jobs, heartbeat them, settle them.
+
+Built beside RQ's stock worker, which takes one job at a time: a Lua script takes several
+compatible jobs atomically from the head of an RQ queue and marks each one `started` in RQ's own
+job hash and StartedJobRegistry (member `<job id>:<execution id>`, score = heartbeat deadline),
+exactly where RQ would, so `rq info` counts them and RQ's abandoned-job cleanup can requeue them.
+"""
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+
+from redis import Redis
+from rq import Queue
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+from dit_serve.jobs import JobError, RecordField, record_key, rq_job_key, wake_key
+from dit_serve.queueing import rq_timestamp
+from worker.batching import JobTicket
+
+LOOKAHEAD = 256  # queued jobs scanned for compatible ones per take
+
+# KEYS: queue list, StartedJobRegistry, CanceledJobRegistry.
+# ARGV: max samples, lookahead, compat ('' = any), RQ now, heartbeat deadline, worker name,
+#       execution id, unix now, rq job key prefix, record key prefix, ttl seconds.
+_TAKE_SCRIPT = """
+local max_samples = tonumber(ARGV[1])
+local compat = ARGV[3]
+local total = 0
+local taken = {}
+local ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+for _, id in ipairs(ids) do
+  local job_key = ARGV[9] .. id
+  local rec_key = ARGV[10] .. id
+  local status = redis.call('HGET', job_key, 'status')
+  if not status then
+    redis.call('LREM', KEYS[1], 0, id)
+  elseif status == 'queued' then
+    local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel')
+    local samples = tonumber(rec[2])
+    if rec[3] == '1' then
+      redis.call('LREM', KEYS[1], 0, id)
+      redis.call('HSET', job_key, 'status', 'canceled', 'ended_at', ARGV[4])
+      redis.call('ZADD', KEYS[3], tonumber(ARGV[8]) + tonumber(ARGV[11]), id)
+      redis.call('HSET', rec_key, 'completed_at', ARGV[8])
+    elseif rec[1] and samples and (compat == '' or rec[1] == compat)
+        and (total == 0 or total + samples <= max_samples) then
+      compat = rec[1]
+      redis.call('LREM', KEYS[1], 1, id)
+      redis.call('HSET', job_key, 'status', 'started', 'started_at', ARGV[4], 'worker_name', ARGV[6],
+        'last_heartbeat', ARGV[4])
+      redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[7])
+      redis.call('HSET', rec_key, 'started_at', ARGV[8], 'execution', ARGV[7], 'worker', ARGV[6], 'progress', 0)
+      redis.call('HINCRBY', rec_key, 'attempts', 1)
+      taken[#taken + 1] = id
+      total = total + samples
+      if total >= max_samples then break end
+    end
+  end
+end
+return taken
+"""
+
+# Settle a held job: only if it is still started and still ours (a reaped and requeued job is not).
+# KEYS: rq job, record, StartedJobRegistry, target registry.
+# ARGV: job id, execution id, RQ status, RQ now, registry score, unix now, ttl, then field/value pairs.
+_SETTLE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'started' or redis.call('HGET', KEYS[2], 'execution') ~= ARGV[2] then
+  return 0
+end
+redis.call('ZREM', KEYS[3], ARGV[1] .. ':' .. ARGV[2])
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'ended_at', ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+redis.call('HSET', KEYS[2], 'completed_at', ARGV[6])
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+return 1
+"""
+
+
+def new_execution_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobQueue:
+    """One worker's connection to the model queues it serves."""
+
+    def __init__(self, redis: Redis, queue_names: list[str], worker_name: str, heartbeat_ttl_s: int, ttl_s: int):
+        self.redis = redis
+        self.queues = {name: Queue(name, connection=redis) for name in queue_names}
+        self.worker_name = worker_name
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.ttl_s = ttl_s
+        self._take = redis.register_script(_TAKE_SCRIPT)
+        self._settle = redis.register_script(_SETTLE_SCRIPT)
+
+    def _started(self, queue: str) -> StartedJobRegistry:
+        return StartedJobRegistry(queue, connection=self.redis)
+
+    def take(self, queue: str, max_samples: int, execution: str, compat: str = "") -> list[JobTicket]:
+        """Atomically take compatible queued jobs (up to max_samples outputs) from the head of `queue`."""
+        now = time.time()
+        ids = self._take(
+            keys=[self.queues[queue].key, self._started(queue).key, CanceledJobRegistry(queue, connection=self.redis).key],
+            args=[
+                max_samples, LOOKAHEAD, compat, rq_timestamp(now), now + self.heartbeat_ttl_s,
+                self.worker_name, execution, now, rq_job_key(""), record_key(""), self.ttl_s,
+            ],
+        )
+        if not ids:
+            return []
+        with self.redis.pipeline() as pipe:
+            for job_id in ids:
+                pipe.hmget(record_key(job_id.decode()), RecordField.REQUEST.value, RecordField.COMPAT.value)
+            records = pipe.execute()
+        return [
+            JobTicket(job_id.decode(), queue, execution, compat_value.decode(), json.loads(request))
+            for job_id, (request, compat_value) in zip(ids, records, strict=True)
+        ]
+
+    def wait_for_work(self, queues: Iterable[str], timeout_s: float) -> None:
+        """Block until the API signals a new job on one of `queues`, or timeout_s passes."""
+        self.redis.blpop([wake_key(name) for name in queues], timeout=max(timeout_s, 0.001))
+
+    def heartbeat(self, tickets: Iterable[JobTicket]) -> None:
+        """Push the heartbeat deadline of every held job forward (only entries still present)."""
+        deadline = time.time() + self.heartbeat_ttl_s
+        now = rq_timestamp()
+        with self.redis.pipeline() as pipe:
+            for ticket in tickets:
+                pipe.zadd(self._started(ticket.queue).key, {f"{ticket.job_id}:{ticket.execution}": deadline}, xx=True)
+                pipe.hset(rq_job_key(ticket.job_id), "last_heartbeat", now)
+            pipe.execute()
+
+    def report_progress(self, progress: dict[str, int]) -> set[str]:
+        """Record each job's progress (0-100); returns the ids of jobs a client asked to cancel."""
+        job_ids = list(progress)
+        with self.redis.pipeline() as pipe:
+            for job_id in job_ids:
+                pipe.hset(record_key(job_id), RecordField.PROGRESS.value, progress[job_id])
+                pipe.hget(record_key(job_id), RecordField.CANCEL.value)
+            replies = pipe.execute()
+        return {job_id for job_id, flag in zip(job_ids, replies[1::2], strict=True) if flag == b"1"}
+
+    def _settle_job(self, ticket: JobTicket, rq_status: str, registry_key: str, fields: dict[str, str]) -> bool:
+        now = time.time()
+        pairs = [item for pair in fields.items() for item in pair]
+        settled = self._settle(
+            keys=[rq_job_key(ticket.job_id), record_key(ticket.job_id), self._started(ticket.queue).key, registry_key],
+            args=[ticket.job_id, ticket.execution, rq_status, rq_timestamp(now), now + self.ttl_s, now, self.ttl_s, *pairs],
+        )
+        return bool(settled)
+
+    def complete(self, ticket: JobTicket, outputs: list[dict[str, object]]) -> bool:
+        registry = FinishedJobRegistry(ticket.queue, connection=self.redis)
+        fields = {RecordField.OUTPUTS.value: json.dumps(outputs), RecordField.PROGRESS.value: "100"}
+        return self._settle_job(ticket, "finished", registry.key, fields)
+
+    def fail(self, ticket: JobTicket, error: JobError) -> bool:
+        registry = FailedJobRegistry(ticket.queue, connection=self.redis)
+        return self._settle_job(ticket, "failed", registry.key, {RecordField.ERROR.value: error.to_json()})
+
+    def cancel(self, ticket: JobTicket) -> bool:
+        registry = CanceledJobRegistry(ticket.queue, connection=self.redis)
+        return self._settle_job(ticket, "canceled", registry.key, {})
+

@@ -1,0 +1,239 @@
+"""The worker loop: take a batch, sample it, encode and store the outputs, report. Nothing more.
+
+Queue plumbing lives in worker/queue.py, sampling in worker/sampling.py, encoding and storage in
+worker/outputs.py; crash safety is the heartbeat thread here plus the reaper in dit_serve/queueing.py.
+"""
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from redis import Redis
+from redis.exceptions import RedisError
+
+from dit_serve.catalog import ModelDefaults, ModelSpec, publish_worker, retire_worker
+from dit_serve.jobs import JobError, queue_name
+from dit_serve.queueing import reap_lost_jobs
+from dit_serve.storage import Storage
+from models.loading import DEFAULT_GUIDANCE, DEFAULT_STEPS, LoadedModel
+from worker.batching import Batch, JobTicket
+from worker.outputs import store_outputs
+from worker.queue import JobQueue, new_execution_id
+from worker.sampling import decode_latents, initial_noise, sample
+
+log = logging.getLogger(__name__)
+
+SAMPLING_PROGRESS = 95  # progress reported when denoising ends; decode, encode and store take the rest
+IDLE_WAIT_S = 1.0  # longest block on the wake list before looking at the queues again
+REDIS_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str
+    max_batch: int
+    max_wait_ms: int
+    heartbeat_interval_s: float
+    heartbeat_ttl_s: int
+    reap_interval_s: float
+    job_ttl_s: int
+
+
+def model_spec(model: LoadedModel) -> ModelSpec:
+    """What the API may accept for this model."""
+    size = f"{model.native_size}x{model.native_size}"
+    return ModelSpec(
+        name=model.name,
+        kind=model.kind,
+        family=model.family,
+        sizes=[size],
+        default_size=size,
+        defaults=ModelDefaults(
+            num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, num_frames=model.default_frames
+        ),
+        labels=model.labels,
+        max_frames=model.max_frames,
+    )
+
+
+class Worker:
+    """Serves the queues of the models it holds, one batched denoising loop at a time."""
+
+    def __init__(self, config: WorkerConfig, redis: Redis, models: dict[str, LoadedModel], storage: Storage):
+        self.config = config
+        self.redis = redis
+        self.models = {queue_name(name): model for name, model in models.items()}
+        self.specs = [model_spec(model) for model in models.values()]
+        self.storage = storage
+        self.queue = JobQueue(redis, list(self.models), config.name, config.heartbeat_ttl_s, config.job_ttl_s)
+        self.stopping = threading.Event()
+        self.batches_run = 0
+        self._held: dict[str, JobTicket] = {}
+        self._held_lock = threading.Lock()
+        self._next_queue = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Run until `stopping` is set; the batch in flight is finished first (warm shutdown)."""
+        self._publish()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        log.info("worker %s serving %s", self.config.name, ", ".join(spec.name for spec in self.specs))
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.run_once()
+                except RedisError as exc:
+                    log.warning("redis unavailable (%s); retrying in %.0f s", exc, REDIS_RETRY_S)
+                    time.sleep(REDIS_RETRY_S)
+        finally:
+            self.stopping.set()
+            heartbeat.join(timeout=self.config.heartbeat_interval_s + 1)
+            try:
+                retire_worker(self.redis, self.config.name)
+            except RedisError:
+                log.warning("could not retire worker %s: redis unavailable", self.config.name)
+
+    def _publish(self) -> None:
+        ttl = self.config.heartbeat_ttl_s
+        publish_worker(self.redis, self.config.name, self.specs, ttl)
+
+    def _heartbeat_loop(self) -> None:
+        last_reap = 0.0
+        while not self.stopping.wait(self.config.heartbeat_interval_s):
+            try:
+                self._publish()
+                with self._held_lock:
+                    held = list(self._held.values())
+                self.queue.heartbeat(held)
+                if time.monotonic() - last_reap >= self.config.reap_interval_s:
+                    reap_lost_jobs(self.redis)
+                    last_reap = time.monotonic()
+            except RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _hold(self, tickets: list[JobTicket]) -> None:
+        with self._held_lock:
+            self._held.update((ticket.job_id, ticket) for ticket in tickets)
+
+    def _release(self, job_ids: set[str] | list[str]) -> None:
+        with self._held_lock:
+            for job_id in job_ids:
+                self._held.pop(job_id, None)
+
+    # -- one batch ---------------------------------------------------------------------------------
+    def run_once(self) -> bool:
+        """Take and run one batch; returns False when there was nothing to do."""
+        tickets = self._take_batch()
+        if not tickets:
+            self.queue.wait_for_work(self.models, IDLE_WAIT_S)
+            return False
+        self._run_batch(Batch.from_tickets(tickets))
+        self.batches_run += 1
+        return True
+
+    def _take_batch(self) -> list[JobTicket]:
+        """Up to max_batch compatible outputs, waiting at most max_wait_ms after the first job."""
+        execution = new_execution_id()
+        names = list(self.models)
+        for offset in range(len(names)):
+            queue = names[(self._next_queue + offset) % len(names)]
+            tickets = self.queue.take(queue, self.config.max_batch, execution)
+            if tickets:
+                break
+        else:
+            return []
+        self._next_queue = (names.index(queue) + 1) % len(names)
+        self._hold(tickets)
+        total = sum(ticket.num_outputs for ticket in tickets)
+        deadline = time.monotonic() + self.config.max_wait_ms / 1000
+        while total < self.config.max_batch and (remaining := deadline - time.monotonic()) > 0:
+            more = self.queue.take(queue, self.config.max_batch - total, execution, tickets[0].compat)
+            if not more:
+                self.queue.wait_for_work([queue], remaining)
+                continue
+            self._hold(more)
+            tickets += more
+            total += sum(ticket.num_outputs for ticket in more)
+        return tickets
+
+    def _run_batch(self, batch: Batch) -> None:
+        job_ids = list(batch.jobs)
+        log.info("batch of %d outputs from %d jobs: %s", len(batch), len(job_ids), batch.compat)
+        try:
+            pixels, canceled = self._sample(batch)
+        except Exception as exc:
+            log.exception("sampling failed for batch %s", batch.compat)
+            error = JobError("sampling_failed", f"sampling failed on worker {self.config.name}: {exc}")
+            for ticket in batch.jobs.values():
+                self.queue.fail(ticket, error)
+            self._release(job_ids)
+            return
+        for job_id, ticket in batch.jobs.items():
+            if job_id in canceled:
+                continue
+            try:
+                outputs = store_outputs(self.storage, ticket, pixels[job_id])
+            except Exception as exc:
+                log.exception("storing outputs of job %s failed", job_id)
+                self.queue.fail(ticket, JobError("storage_failed", f"could not store the outputs: {exc}"))
+                continue
+            if not self.queue.complete(ticket, outputs):
+                log.warning("job %s was taken back from this worker before it finished", job_id)
+        self._release(job_ids)
+
+    def _sample(self, batch: Batch) -> tuple[dict[str, list[np.ndarray]], set[str]]:
+        """Sample every row of the batch; returns each job's pixels and the jobs canceled on the way."""
+        ticket = batch.first
+        model = self.models[ticket.queue]
+        request = ticket.request
+        latent_size = model.latent_size
+        frames = int(request.get("num_frames") or 1)
+        shape: tuple[int, ...] = (model.latent_channels, latent_size, latent_size)
+        if model.kind == "video":
+            shape = (model.latent_channels, frames, latent_size, latent_size)
+        device, dtype = model.vae.device, model.transformer.dtype
+        generators = [torch.Generator().manual_seed(row.seed) for row in batch.rows]
+        latents = initial_noise(generators, shape, device, dtype)  # (N, *shape)
+        class_labels = torch.tensor([row.class_label for row in batch.rows], device=device)  # (N,)
+        guidance = torch.tensor([row.guidance_scale for row in batch.rows], device=device)  # (N,)
+        canceled: set[str] = set()
+
+        def on_step(done: int, total: int, rows: torch.Tensor) -> torch.Tensor | None:
+            live = [batch.rows[i].job_id for i in rows.tolist()]
+            progress = SAMPLING_PROGRESS * done // total
+            try:
+                asked = self.queue.report_progress(dict.fromkeys(live, progress))
+            except RedisError as exc:
+                log.warning("progress report failed: %s", exc)
+                return None
+            for job_id in asked - canceled:
+                self.queue.cancel(batch.jobs[job_id])
+                canceled.add(job_id)
+                log.info("job %s canceled at step %d/%d", job_id, done, total)
+            self._release(asked)
+            return torch.tensor([job_id not in canceled for job_id in live]) if asked else None
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return model.transformer(x, timestep=t, class_labels=y).sample
+
+        latents, rows = sample(
+            model_fn,
+            model.new_scheduler(),
+            latents,
+            class_labels,
+            guidance,
+            int(request["num_inference_steps"]),
+            model.null_class_id,
+            on_step,
+        )
+        pixels: dict[str, list[np.ndarray]] = defaultdict(list)
+        if rows.numel():
+            decoded = decode_latents(model.vae, latents).numpy()  # (M, H, W, 3) or (M, F, H, W, 3)
+            for row_index, array in zip(rows.tolist(), decoded, strict=True):
+                pixels[batch.rows[row_index].job_id].append(array)
+        return pixels, canceled
