@@ -13,11 +13,14 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+if TYPE_CHECKING:
+    from dit_serve.config import Settings
 
 # Prefix of the temporary files LocalStorage writes next to the final file; the leading dot keeps
 # them out of the way of anything listing outputs.
@@ -289,3 +292,15 @@ def output_key(job_id: str, index: int, extension: str) -> str:
     if index < 0:
         raise ValueError(f"output index must be >= 0, got {index}")
     return f"jobs/{job_id}/{index}.{extension.lstrip('.')}"
+
+
+def storage_from_settings(settings: Settings) -> Storage:
+    """The storage backend the settings (DIT_STORAGE, DIT_OUTPUT_DIR, DIT_S3_*) choose."""
+    return make_storage(
+        settings.storage.value,
+        output_dir=settings.output_dir,
+        s3_bucket=settings.s3_bucket,
+        s3_prefix=settings.s3_prefix,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_region=settings.s3_region,
+    )

@@ -11,7 +11,7 @@ import torch
 from redis import Redis
 
 from dit_serve.config import Device, Settings
-from dit_serve.storage import make_storage
+from dit_serve.storage import storage_from_settings
 from models.loading import LoadedModel, ModelLoadError, load_model
 from models.tiny import build_tiny_image_model, build_tiny_video_model
 from worker.runner import Worker, WorkerConfig
@@ -72,14 +72,7 @@ def run_worker(settings: Settings) -> None:
     torch.backends.cudnn.allow_tf32 = True
     torch.set_grad_enabled(False)
     models = load_models(settings, device)
-    storage = make_storage(
-        settings.storage.value,
-        output_dir=settings.output_dir,
-        s3_bucket=settings.s3_bucket,
-        s3_prefix=settings.s3_prefix,
-        s3_endpoint_url=settings.s3_endpoint_url,
-        s3_region=settings.s3_region,
-    )
+    storage = storage_from_settings(settings)
     storage.check()
     name = settings.worker_name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     config = WorkerConfig(

@@ -1,0 +1,57 @@
+"""The FastAPI application: routers, error shapes, the Redis client, the lost-job reaper."""
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis import Redis
+from redis.exceptions import RedisError
+
+from app.errors import install_error_handlers
+from app.metrics import APIMetrics
+from app.routes import generation, jobs, system
+from dit_serve.config import Settings, get_settings
+from dit_serve.queueing import reap_lost_jobs
+from dit_serve.storage import storage_from_settings
+
+log = logging.getLogger(__name__)
+REDIS_TIMEOUT_S = 5.0
+
+
+def _reap_forever(redis: Redis, interval_s: float, stop: threading.Event) -> None:
+    """Requeue jobs of dead workers even when no worker is alive to do it."""
+    while not stop.wait(interval_s):
+        try:
+            reap_lost_jobs(redis)
+        except RedisError as exc:
+            log.warning("reaper: redis unavailable: %s", exc)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment)."""
+    settings = settings or get_settings()
+    if not settings.redis_url:
+        raise SystemExit("the API needs --redis-url (or REDIS_URL); `dit-serve up` starts a Redis for you")
+    redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    stop = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        reaper = threading.Thread(target=_reap_forever, args=(redis, settings.reap_interval_s, stop), daemon=True)
+        reaper.start()
+        yield
+        stop.set()
+        redis.close()
+
+    app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.redis = redis
+    app.state.storage = storage_from_settings(settings)
+    app.state.metrics = APIMetrics(redis)
+    app.middleware("http")(app.state.metrics.middleware)
+    install_error_handlers(app)
+    for router in (generation.router, jobs.router, system.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,35 @@
+"""POST /v1/images and POST /v1/videos: validate, normalise, enqueue, answer 202 with the job."""
+
+from fastapi import APIRouter, Depends, Request, Response, status
+
+from app.deps import RedisDep, SettingsDep, require_json
+from app.schemas import ImageRequest, JobBody, VideoRequest
+from app.submission import choose_model, new_record, normalise
+from app.views import job_body
+from dit_serve.catalog import served_models
+from dit_serve.jobs import JobKind
+from dit_serve.queueing import enqueue_job
+
+router = APIRouter(prefix="/v1", tags=["generation"])
+
+
+def _submit(request: Request, body: ImageRequest | VideoRequest, kind: JobKind, redis, settings, response: Response) -> JobBody:  # type: ignore[no-untyped-def]
+    spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
+    normalised = normalise(body, kind, spec)
+    job_id, record = new_record(normalised, kind)
+    enqueue_job(redis, job_id, spec.name, record, retries=settings.job_retries, ttl_s=settings.job_ttl_s)
+    request.app.state.metrics.accepted.labels(kind.value, spec.name).inc()
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return job_body(redis, job_id)
+
+
+@router.post("/images", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(require_json)])
+def create_image(request: Request, body: ImageRequest, redis: RedisDep, settings: SettingsDep, response: Response) -> JobBody:
+    """Queue an image generation job."""
+    return _submit(request, body, JobKind.IMAGE, redis, settings, response)
+
+
+@router.post("/videos", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(require_json)])
+def create_video(request: Request, body: VideoRequest, redis: RedisDep, settings: SettingsDep, response: Response) -> JobBody:
+    """Queue a video generation job."""
+    return _submit(request, body, JobKind.VIDEO, redis, settings, response)

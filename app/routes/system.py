@@ -1,0 +1,39 @@
+"""GET /v1/models, /healthz, /readyz, /metrics."""
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import RedisDep
+from app.errors import ServiceUnavailable
+from app.schemas import ModelBody, ModelList
+from dit_serve.catalog import live_workers, served_models
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/v1/models")
+def list_models(redis: RedisDep) -> ModelList:
+    """Every model a live worker serves."""
+    specs = served_models(redis)
+    return ModelList(data=[ModelBody(**specs[name].model_dump()) for name in sorted(specs)])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(redis: RedisDep) -> dict[str, object]:
+    """Redis answers and at least one worker is live; 503 otherwise."""
+    workers = live_workers(redis)
+    if not workers:
+        raise ServiceUnavailable("no live worker: start one with `dit-serve worker`", "no_worker")
+    return {"status": "ready", "workers": len(workers), "models": sorted(served_models(redis))}
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,96 @@
+"""Request and response bodies of the v1 API (diffusers' parameter names)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_OUTPUTS = 8
+MAX_PROMPT_CHARS = 1000
+MAX_STEPS = 100
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**63 - 1
+MAX_FPS = 60
+SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
+
+
+class GenerationRequest(BaseModel):
+    """Fields shared by image and video requests; unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, min_length=1, max_length=200, description="default: the default model")
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    class_labels: list[int] | None = Field(None, min_length=1, max_length=MAX_OUTPUTS)
+    size: str | None = Field(None, pattern=SIZE_PATTERN, description='"WxH"; default: the native size')
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default 25")
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description="default 4.0; <= 1: no CFG")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="output k uses seed + k")
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> "GenerationRequest":
+        if (self.prompt is None) == (self.class_labels is None):
+            raise ValueError("give exactly one of prompt or class_labels")
+        return self
+
+
+class ImageRequest(GenerationRequest):
+    n: int = Field(1, ge=1, le=MAX_OUTPUTS)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class VideoRequest(GenerationRequest):
+    n: Literal[1] = 1
+    num_frames: int | None = Field(None, ge=1, description="default and maximum: the model's")
+    fps: int = Field(8, ge=1, le=MAX_FPS)
+    output_format: Literal["mp4", "gif", "webp"] = "mp4"
+
+
+class JobErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class OutputBody(BaseModel):
+    index: int
+    url: str
+    content_type: str
+    width: int
+    height: int
+    seed: int
+    num_frames: int | None = None
+
+
+class JobBody(BaseModel):
+    """A job as clients see it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    object: Literal["job"] = "job"
+    kind: Literal["image", "video"]
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed", "canceled"]
+    progress: int
+    queue_position: int | None
+    created_at: float | None
+    started_at: float | None
+    completed_at: float | None
+    request: dict
+    outputs: list[OutputBody]
+    error: JobErrorBody | None
+
+
+class ModelBody(BaseModel):
+    name: str
+    kind: str
+    family: str
+    sizes: list[str]
+    default_size: str
+    defaults: dict
+    labels: list[str] | None
+    max_frames: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelBody]

@@ -1,0 +1,114 @@
+"""The `dit-serve` command: up (everything in one command), api, worker."""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from dit_serve.config import Settings, get_settings
+
+# (flag, settings field, help); every flag also has an environment variable, DIT_<FIELD> (REDIS_URL).
+COMMON_FLAGS = [
+    ("--host", "host", "address the API listens on (DIT_HOST, default 127.0.0.1)"),
+    ("--port", "port", "port of the API (DIT_PORT, default 8000)"),
+    ("--redis-url", "redis_url", "Redis URL (REDIS_URL); `up` starts an embedded Redis when absent"),
+    ("--output-dir", "output_dir", "where local storage writes outputs (DIT_OUTPUT_DIR, default ./data/outputs)"),
+    ("--data-dir", "data_dir", "models built at first start and embedded Redis data (DIT_DATA_DIR, default ./data)"),
+    ("--storage", "storage", "output storage: local or s3 (DIT_STORAGE)"),
+    ("--device", "device", "auto, cpu or cuda (DIT_DEVICE, default auto)"),
+    ("--max-batch", "max_batch", "most outputs sampled in one batch (DIT_MAX_BATCH, default 16)"),
+    ("--max-wait-ms", "max_wait_ms", "wait for more jobs after the first of a batch (DIT_MAX_WAIT_MS, default 20)"),
+    ("--default-model", "default_model", "model used when a request names none (DIT_DEFAULT_MODEL)"),
+    ("--log-level", "log_level", "debug, info, warning (DIT_LOG_LEVEL)"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dit-serve", description="Serve Diffusion Transformers over HTTP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("up", "API + one worker (+ an embedded Redis when no --redis-url) in one command"),
+        ("api", "the HTTP API only"),
+        ("worker", "one batching worker only"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        for flag, field, flag_help in COMMON_FLAGS:
+            command.add_argument(flag, dest=field, default=None, help=flag_help)
+        command.add_argument(
+            "--model", dest="models", action="append", default=None, metavar="NAME=PATH",
+            help="serve a diffusers pipeline directory as NAME (repeatable; DIT_MODELS as a JSON list)",
+        )
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {field: getattr(args, field) for _, field, _ in COMMON_FLAGS}
+    overrides["models"] = args.models
+    return get_settings(**overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _environment(settings: Settings) -> dict[str, str]:
+    """The settings as environment variables, to hand to a child process."""
+    env = dict(os.environ)
+    for field, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        key = "REDIS_URL" if field == "redis_url" else f"DIT_{field.upper()}"
+        env[key] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+def run_api(settings: Settings) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+
+
+def run_up(settings: Settings) -> None:
+    """API in this process, one worker as a child process, an embedded Redis unless one is given."""
+    from dit_serve.embedded_redis import EmbeddedRedis
+
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir / "redis").start()
+        settings = settings.model_copy(update={"redis_url": embedded.url})
+        logging.getLogger(__name__).info("started an embedded Redis at %s", embedded.url)
+    worker = subprocess.Popen([sys.executable, "-m", "dit_serve.cli", "worker"], env=_environment(settings))
+    try:
+        run_api(settings)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if embedded:
+            embedded.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    if args.command == "api":
+        run_api(settings)
+    elif args.command == "worker":
+        from worker.main import run_worker
+
+        run_worker(settings)
+    else:
+        run_up(settings)
+
+
+if __name__ == "__main__":
+    main()
