@@ -20,6 +20,7 @@ LATENT_CHANNELS = 4
 VAE_BLOCKS = (32, 64, 64)  # three blocks: two 2x downsamplings
 NULL_CLASS_ID = 1000  # DiTPipeline hard-codes 1000 as the CFG null class, so keep 1000 embeddings
 VIDEO_FRAMES = 16
+HEAD_DIM = 16
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SHAPES = ("circle", "square", "triangle", "diamond")
 # Random weights at this scale give every layer (adaLN-Zero gates included) a non-zero effect.
@@ -69,15 +70,15 @@ def _write_index(path: Path, class_name: str, transformer: tuple[str, str], labe
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def build_tiny_image_model(path: Path, seed: int = 0, hidden_heads: int = 2) -> Path:
+def build_tiny_image_model(path: Path, seed: int = 0, num_layers: int = 2, num_heads: int = 2) -> Path:
     """Save a random class-conditional DiT image pipeline (DiTPipeline layout) to `path`."""
     generator = torch.Generator().manual_seed(seed)
     transformer = DiTTransformer2DModel(
-        num_attention_heads=hidden_heads,
-        attention_head_dim=16,
+        num_attention_heads=num_heads,
+        attention_head_dim=HEAD_DIM,
         in_channels=LATENT_CHANNELS,
         out_channels=2 * LATENT_CHANNELS,  # learned sigma, like DiT-XL/2
-        num_layers=2,
+        num_layers=num_layers,
         sample_size=IMAGE_SIZE // 4,
         patch_size=2,
         num_embeds_ada_norm=NULL_CLASS_ID,
@@ -91,7 +92,7 @@ def build_tiny_image_model(path: Path, seed: int = 0, hidden_heads: int = 2) -> 
     return path
 
 
-def build_tiny_video_model(path: Path, seed: int = 0) -> Path:
+def build_tiny_video_model(path: Path, seed: int = 0, num_layers: int = 1, num_heads: int = 2) -> Path:
     """Save a random class-conditional space-time DiT video pipeline to `path`."""
     generator = torch.Generator().manual_seed(seed)
     transformer = SpaceTimeDiTModel(
@@ -99,9 +100,9 @@ def build_tiny_video_model(path: Path, seed: int = 0) -> Path:
         num_frames=VIDEO_FRAMES,
         patch_size=2,
         in_channels=LATENT_CHANNELS,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=16,
+        num_layers=num_layers,
+        num_attention_heads=num_heads,
+        attention_head_dim=HEAD_DIM,
         num_embeds_ada_norm=NULL_CLASS_ID,
     )
     _randomise(transformer, generator)

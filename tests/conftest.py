@@ -1,0 +1,167 @@
+"""Shared fixtures: a real Redis, tiny real models on disk, and real API and worker processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import Redis
+
+from dit_serve.embedded_redis import EmbeddedRedis, free_port
+
+STARTUP_TIMEOUT_S = 60.0
+POLL_S = 0.05
+TEST_DB = 15  # a dedicated database when REDIS_URL points at a shared server
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL when set (its database 15), else a real redis-server started for the session."""
+    if os.environ.get("REDIS_URL"):
+        base = os.environ["REDIS_URL"].rsplit("/", 1)[0] if os.environ["REDIS_URL"].count("/") > 2 else os.environ["REDIS_URL"]
+        yield f"{base}/{TEST_DB}"
+        return
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[Redis]:
+    client = Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight pipelines saved to disk: fast ones, and a slow video model for cancel/crash tests."""
+    from models.tiny import build_tiny_image_model, build_tiny_video_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "img": build_tiny_image_model(root / "img"),
+        "vid": build_tiny_video_model(root / "vid"),
+        "slow": build_tiny_video_model(root / "slow", num_layers=4, num_heads=8),
+    }
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@dataclass
+class Service:
+    """An API process and worker processes on a shared Redis, driven over real HTTP."""
+
+    redis_url: str
+    tmp: Path
+    models: dict[str, Path]
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    api: subprocess.Popen | None = None
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            REDIS_URL=self.redis_url,
+            DIT_PORT=str(self.port),
+            DIT_DATA_DIR=str(self.tmp / "data"),
+            DIT_OUTPUT_DIR=str(self.tmp / "outputs"),
+            DIT_MODELS=json.dumps([f"{name}={path}" for name, path in self.models.items()]),
+            DIT_DEFAULT_MODEL="img",
+            DIT_LOG_LEVEL="info",
+        )
+        env.update(self.env_overrides)
+        env.update(extra)
+        return env
+
+    def _spawn(self, command: str, log_name: str, **extra: str) -> subprocess.Popen:
+        log = open(self.tmp / log_name, "ab")  # noqa: SIM115 - the process owns it
+        return subprocess.Popen(
+            [sys.executable, "-m", "dit_serve.cli", command], env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def start_api(self) -> None:
+        self.api = self._spawn("api", "api.log")
+        _wait_until(self._answers, STARTUP_TIMEOUT_S, "the API to answer /healthz")
+
+    def start_worker(self, **extra: str) -> subprocess.Popen:
+        before = set(self.live_workers())
+        worker = self._spawn("worker", f"worker{len(self.workers)}.log", **extra)
+        self.workers.append(worker)
+        _wait_until(lambda: set(self.live_workers()) - before, STARTUP_TIMEOUT_S, "the worker to register")
+        return worker
+
+    def live_workers(self) -> list[str]:
+        from dit_serve.catalog import live_workers
+
+        return live_workers(Redis.from_url(self.redis_url))
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+    def worker_log(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in sorted(self.tmp.glob("worker*.log")))
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.api]:
+            if process and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [*self.workers, self.api]:
+            if process:
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = 60.0) -> dict:
+    """Poll a job until its status is one of `statuses`; returns the job object."""
+    deadline = time.monotonic() + timeout_s
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(POLL_S)
+    raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout_s} s, wanted {statuses}")
+
+
+@pytest.fixture(scope="module")
+def service(redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """API + one worker serving the fast tiny models (module-scoped: started once per test file)."""
+    Redis.from_url(redis_url).flushdb()
+    svc = Service(redis_url, tmp_path_factory.mktemp("service"), {"img": model_dirs["img"], "vid": model_dirs["vid"]})
+    try:
+        svc.start_api()
+        svc.start_worker()
+        yield svc
+    finally:
+        svc.stop()
+        Redis.from_url(redis_url).flushdb()

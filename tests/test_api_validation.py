@@ -1,0 +1,125 @@
+"""Bad input: each case is a 4xx in the documented error shape, and nothing is queued."""
+
+import pytest
+from redis import Redis
+
+from tests.conftest import Service
+
+VALID = {"prompt": "red circle"}
+BAD_IMAGE_BODIES = {
+    "missing prompt and labels": ({}, 422),
+    "both prompt and labels": ({"prompt": "red circle", "class_labels": [1]}, 422),
+    "empty prompt": ({"prompt": ""}, 422),
+    "100 kB prompt": ({"prompt": "x" * 100_000}, 422),
+    "n=0": ({**VALID, "n": 0}, 422),
+    "n=1000": ({**VALID, "n": 1000}, 422),
+    "size 99999x99999": ({**VALID, "size": "99999x99999"}, 422),
+    "size abc": ({**VALID, "size": "abc"}, 422),
+    "steps 0": ({**VALID, "num_inference_steps": 0}, 422),
+    "steps 10000": ({**VALID, "num_inference_steps": 10000}, 422),
+    "guidance -1": ({**VALID, "guidance_scale": -1}, 422),
+    "unknown model": ({**VALID, "model": "no-such-model"}, 422),
+    "unknown field": ({**VALID, "colour": "red"}, 422),
+    "prompt naming no label": ({"prompt": "purple elephant"}, 422),
+    "class label out of range": ({"class_labels": [5000]}, 422),
+    "negative seed": ({**VALID, "seed": -1}, 422),
+    "seed above 2^63-1": ({**VALID, "seed": 2**63}, 422),
+    "bad output format": ({**VALID, "output_format": "bmp"}, 422),
+    "video model for an image": ({**VALID, "model": "vid"}, 422),
+    "class_labels length not 1 or n": ({"class_labels": [1, 2], "n": 3}, 422),
+}
+BAD_VIDEO_BODIES = {
+    "too many frames": ({"prompt": "red circle moving left", "num_frames": 17}, 422),
+    "n=2 for a video": ({"prompt": "red circle moving left", "n": 2}, 422),
+    "fps 0": ({"prompt": "red circle moving left", "fps": 0}, 422),
+    "png is not a video format": ({"prompt": "red circle moving left", "output_format": "png"}, 422),
+}
+
+
+def _queued_state(service: Service) -> tuple[int, int]:
+    redis = Redis.from_url(service.redis_url)
+    jobs = len(list(redis.scan_iter("dit:job:*"))) + len(list(redis.scan_iter("rq:job:*")))
+    queued = sum(redis.llen(key) for key in redis.scan_iter("rq:queue:*"))
+    return jobs, queued
+
+
+def _assert_error_shape(response, status: int) -> dict:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGE_BODIES), ids=list(BAD_IMAGE_BODIES))
+def test_bad_image_request_is_rejected_and_queues_nothing(service: Service, case: str) -> None:
+    body, status = BAD_IMAGE_BODIES[case]
+    before = _queued_state(service)
+    with service.client() as client:
+        _assert_error_shape(client.post("/v1/images", json=body), status)
+    assert _queued_state(service) == before
+
+
+@pytest.mark.parametrize("case", list(BAD_VIDEO_BODIES), ids=list(BAD_VIDEO_BODIES))
+def test_bad_video_request_is_rejected_and_queues_nothing(service: Service, case: str) -> None:
+    body, status = BAD_VIDEO_BODIES[case]
+    before = _queued_state(service)
+    with service.client() as client:
+        _assert_error_shape(client.post("/v1/videos", json={"model": "vid", **body}), status)
+    assert _queued_state(service) == before
+
+
+def test_non_json_body_is_422(service: Service) -> None:
+    before = _queued_state(service)
+    with service.client() as client:
+        response = client.post("/v1/images", content=b"{not json", headers={"content-type": "application/json"})
+    assert _assert_error_shape(response, 422)["code"] == "invalid_json"
+    assert _queued_state(service) == before
+
+
+def test_wrong_content_type_is_415(service: Service) -> None:
+    before = _queued_state(service)
+    with service.client() as client:
+        response = client.post("/v1/images", content=b'{"prompt": "red circle"}', headers={"content-type": "text/plain"})
+    assert _assert_error_shape(response, 415)["code"] == "unsupported_media_type"
+    assert _queued_state(service) == before
+
+
+def test_unknown_label_lists_valid_labels(service: Service) -> None:
+    with service.client() as client:
+        error = _assert_error_shape(client.post("/v1/images", json={"prompt": "purple elephant"}), 422)
+    assert error["code"] == "unknown_label"
+    assert "red circle" in error["message"]
+
+
+def test_unknown_model_names_served_models(service: Service) -> None:
+    with service.client() as client:
+        error = _assert_error_shape(client.post("/v1/images", json={**VALID, "model": "nope"}), 422)
+    assert error["code"] == "unknown_model"
+    assert "img" in error["message"] and "vid" in error["message"]
+
+
+def test_unknown_job_is_404(service: Service) -> None:
+    with service.client() as client:
+        assert _assert_error_shape(client.get("/v1/jobs/doesnotexist"), 404)["code"] == "job_not_found"
+        assert _assert_error_shape(client.delete("/v1/jobs/doesnotexist"), 404)["code"] == "job_not_found"
+        assert _assert_error_shape(client.get("/v1/jobs/doesnotexist/outputs/0"), 404)["code"] == "job_not_found"
+
+
+def test_output_index_out_of_range_is_404(service: Service) -> None:
+    from tests.conftest import wait_for_status
+
+    with service.client() as client:
+        job = client.post("/v1/images", json={**VALID, "num_inference_steps": 2}).json()
+        wait_for_status(client, job["id"], {"completed"})
+        assert client.get(f"/v1/jobs/{job['id']}/outputs/0").status_code == 200
+        error = _assert_error_shape(client.get(f"/v1/jobs/{job['id']}/outputs/1"), 404)
+        assert error["code"] == "output_not_found"
+        _assert_error_shape(client.get(f"/v1/jobs/{job['id']}/outputs/-1"), 404)
+        _assert_error_shape(client.get(f"/v1/jobs/{job['id']}/outputs/x"), 422)
+
+
+def test_unknown_route_has_error_shape(service: Service) -> None:
+    with service.client() as client:
+        assert _assert_error_shape(client.get("/v1/nothing-here"), 404)["code"] == "not_found"

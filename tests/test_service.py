@@ -1,0 +1,134 @@
+"""End to end over real HTTP, a real Redis and a real worker process: submit, poll, download, decode."""
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import av
+import numpy as np
+from PIL import Image
+from redis import Redis
+
+from tests.conftest import Service, wait_for_status
+
+MAX_PIXEL_DIFF = 1  # out of 255: CPU fp32 batched vs solo
+
+
+def _image(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_image_job_completes_and_png_decodes(service: Service) -> None:
+    with service.client() as client:
+        response = client.post("/v1/images", json={"prompt": "Blue  TRIANGLE", "n": 2, "seed": 7})
+        assert response.status_code == 202
+        job = response.json()
+        assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+        assert job["object"] == "job" and job["kind"] == "image" and job["model"] == "img"
+        assert job["request"]["class_labels"] == [2 * 4 + 2] * 2  # blue = colour 2, triangle = shape 2
+        done = wait_for_status(client, job["id"], {"completed", "failed"})
+        assert done["status"] == "completed", done
+        assert done["progress"] == 100 and done["error"] is None
+        assert done["started_at"] >= done["created_at"] and done["completed_at"] >= done["started_at"]
+        assert [(o["index"], o["seed"], o["width"], o["height"]) for o in done["outputs"]] == [(0, 7, 32, 32), (1, 8, 32, 32)]
+        first = client.get(done["outputs"][0]["url"])
+        second = client.get(done["outputs"][1]["url"])
+    assert first.headers["content-type"] == "image/png"
+    a, b = _image(first.content), _image(second.content)
+    assert a.shape == (32, 32, 3) and a.std() > 1  # a real picture, not a constant
+    assert not np.array_equal(a, b)  # seed 7 and seed 8 differ
+
+
+def test_video_job_completes_and_mp4_decodes(service: Service) -> None:
+    with service.client() as client:
+        job = client.post("/v1/videos", json={"model": "vid", "prompt": "red circle moving left", "num_frames": 8, "fps": 4}).json()
+        done = wait_for_status(client, job["id"], {"completed", "failed"})
+        assert done["status"] == "completed", done
+        output = done["outputs"][0]
+        assert output["num_frames"] == 8 and output["content_type"] == "video/mp4"
+        data = client.get(output["url"]).content
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    assert len(frames) == 8 and frames[0].shape == (32, 32, 3)
+
+
+def test_other_formats_have_their_content_types(service: Service) -> None:
+    cases = [("/v1/images", {"prompt": "red circle", "output_format": "jpeg"}, "image/jpeg"),
+             ("/v1/images", {"prompt": "red circle", "output_format": "webp"}, "image/webp"),
+             ("/v1/videos", {"model": "vid", "prompt": "red circle moving up", "output_format": "gif", "num_frames": 4}, "image/gif")]
+    with service.client() as client:
+        ids = [(client.post(path, json={**body, "num_inference_steps": 3}).json()["id"], kind) for path, body, kind in cases]
+        for job_id, content_type in ids:
+            done = wait_for_status(client, job_id, {"completed", "failed"})
+            response = client.get(done["outputs"][0]["url"])
+            assert response.headers["content-type"] == content_type
+            Image.open(io.BytesIO(response.content)).verify()
+
+
+def test_server_picks_and_records_a_seed(service: Service) -> None:
+    with service.client() as client:
+        job = client.post("/v1/images", json={"class_labels": [3], "num_inference_steps": 2}).json()
+        assert isinstance(job["request"]["seed"], int) and 0 <= job["request"]["seed"] < 2**63
+        done = wait_for_status(client, job["id"], {"completed"})
+    assert done["outputs"][0]["seed"] == job["request"]["seed"]
+
+
+def test_sixteen_jobs_share_batches_and_match_solo_outputs(service: Service) -> None:
+    body = {"num_inference_steps": 10, "guidance_scale": 3.0}
+    with service.client() as client:
+        solo = client.post("/v1/images", json={**body, "prompt": "green square", "seed": 1234}).json()
+        solo_pixels = _image(client.get(wait_for_status(client, solo["id"], {"completed"})["outputs"][0]["url"]).content)
+
+        def submit(k: int) -> str:
+            labels = {"class_labels": [k % 24]} if k else {"prompt": "green square"}
+            extra = {"guidance_scale": 1.0 + k % 5} if k else {}
+            return client.post("/v1/images", json={**body, **labels, **extra, "seed": 1234 + k * 1000 * (k > 0)}).json()["id"]
+
+        with ThreadPoolExecutor(16) as pool:
+            ids = list(pool.map(submit, range(16)))
+        jobs = [wait_for_status(client, job_id, {"completed"}) for job_id in ids]
+        batched_pixels = _image(client.get(jobs[0]["outputs"][0]["url"]).content)
+    executions = {Redis.from_url(service.redis_url).hget(f"dit:job:{job_id}", "execution") for job_id in ids}
+    assert len(executions) < len(ids), "16 jobs submitted at once should share batches"
+    assert jobs[0]["request"]["seed"] == 1234
+    diff = np.abs(batched_pixels.astype(int) - solo_pixels.astype(int)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"same seed gave outputs {diff}/255 apart alone and in a batch"
+
+
+def test_models_endpoint_describes_served_models(service: Service) -> None:
+    with service.client() as client:
+        body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    models = {model["name"]: model for model in body["data"]}
+    assert set(models) == {"img", "vid"}
+    img, vid = models["img"], models["vid"]
+    assert (img["kind"], img["family"], img["sizes"], img["default_size"]) == ("image", "dit", ["32x32"], "32x32")
+    assert img["labels"][:2] == ["red circle", "red square"] and len(img["labels"]) == 24
+    assert img["defaults"] == {"num_inference_steps": 25, "guidance_scale": 4.0, "num_frames": None}
+    assert vid["kind"] == "video" and vid["defaults"]["num_frames"] == 16 and vid["max_frames"] == 16
+
+
+def test_health_readiness_and_metrics(service: Service) -> None:
+    with service.client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["workers"] == 1
+        client.post("/v1/images", json={"prompt": "red circle", "num_inference_steps": 1})
+        metrics = client.get("/metrics").text
+    assert 'dit_jobs_accepted_total{kind="image",model="img"}' in metrics
+    assert "dit_queue_depth" in metrics
+    assert 'dit_http_requests_total{method="POST",route="/v1/images",status="202"}' in metrics
+
+
+def test_jobs_are_visible_to_rq_tooling(service: Service) -> None:
+    from rq import Queue
+    from rq.registry import FinishedJobRegistry
+
+    with service.client() as client:
+        job = client.post("/v1/images", json={"prompt": "red circle", "num_inference_steps": 1}).json()
+        wait_for_status(client, job["id"], {"completed"})
+    redis = Redis.from_url(service.redis_url)
+    queue = Queue("dit-serve.img", connection=redis)
+    assert job["id"] in FinishedJobRegistry(queue=queue).get_job_ids()
+    assert queue.fetch_job(job["id"]).get_status() == "finished"
