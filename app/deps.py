@@ -25,7 +25,9 @@ def get_storage(request: Request) -> Storage:
 def require_json(request: Request) -> None:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(f"send the body as JSON with Content-Type: application/json (got {content_type!r})")
+        raise UnsupportedMediaType(
+            f"send the body as JSON with Content-Type: application/json (got {content_type!r})"
+        )
 
 
 RedisDep = Annotated[Redis, Depends(get_redis)]

@@ -62,7 +62,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        code = "invalid_json" if any(error.get("type") == "json_invalid" for error in errors) else "invalid_request"
+        code = (
+            "invalid_json"
+            if any(error.get("type") == "json_invalid" for error in errors)
+            else "invalid_request"
+        )
         return JSONResponse(error_body(code, _describe(errors)), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

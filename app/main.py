@@ -34,12 +34,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if not settings.redis_url:
         raise SystemExit("the API needs --redis-url (or REDIS_URL); `dit-serve up` starts a Redis for you")
-    redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    redis = Redis.from_url(
+        settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+    )
     stop = threading.Event()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        reaper = threading.Thread(target=_reap_forever, args=(redis, settings.reap_interval_s, stop), daemon=True)
+        reaper = threading.Thread(
+            target=_reap_forever, args=(redis, settings.reap_interval_s, stop), daemon=True
+        )
         reaper.start()
         yield
         stop.set()

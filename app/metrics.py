@@ -39,13 +39,20 @@ class APIMetrics:
             "dit_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
         )
         self.latency = Histogram(
-            "dit_http_request_seconds", "HTTP request latency", ["route", "method"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "dit_http_request_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.accepted = Counter("dit_jobs_accepted_total", "Jobs accepted", ["kind", "model"], registry=self.registry)
+        self.accepted = Counter(
+            "dit_jobs_accepted_total", "Jobs accepted", ["kind", "model"], registry=self.registry
+        )
         self.registry.register(QueueDepthCollector(redis))
 
-    async def middleware(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def middleware(
+        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         start = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")

@@ -23,7 +23,9 @@ class GenerationRequest(BaseModel):
     class_labels: list[int] | None = Field(None, min_length=1, max_length=MAX_OUTPUTS)
     size: str | None = Field(None, pattern=SIZE_PATTERN, description='"WxH"; default: the native size')
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default 25")
-    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description="default 4.0; <= 1: no CFG")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, description="default 4.0; <= 1: no CFG"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="output k uses seed + k")
 
     @model_validator(mode="after")

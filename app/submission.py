@@ -12,20 +12,28 @@ from dit_serve.jobs import JobKind, RecordField, compat_key
 from dit_serve.labels import UnknownLabelError, label_id
 
 
-def choose_model(requested: str | None, kind: JobKind, served: dict[str, ModelSpec], default: str | None) -> ModelSpec:
+def choose_model(
+    requested: str | None, kind: JobKind, served: dict[str, ModelSpec], default: str | None
+) -> ModelSpec:
     """The model a request names, or the default for its kind; refused when no live worker serves it."""
     of_kind = {name: spec for name, spec in served.items() if spec.kind == kind.value}
     if requested is None:
         if default in of_kind:
             return of_kind[default]
         if not of_kind:
-            raise ServiceUnavailable(f"no live worker serves a {kind.value} model; start `dit-serve worker`", "no_model")
+            raise ServiceUnavailable(
+                f"no live worker serves a {kind.value} model; start `dit-serve worker`", "no_model"
+            )
         return of_kind[sorted(of_kind)[0]]
     if requested not in served:
         names = ", ".join(sorted(served)) or "none (no live worker)"
-        raise InvalidRequest(f"model {requested!r} is not served by any live worker; served: {names}", "unknown_model")
+        raise InvalidRequest(
+            f"model {requested!r} is not served by any live worker; served: {names}", "unknown_model"
+        )
     if requested not in of_kind:
-        raise InvalidRequest(f"model {requested!r} makes {served[requested].kind}s, not {kind.value}s", "wrong_kind")
+        raise InvalidRequest(
+            f"model {requested!r} makes {served[requested].kind}s, not {kind.value}s", "wrong_kind"
+        )
     return of_kind[requested]
 
 
@@ -41,7 +49,9 @@ def _class_labels(request: GenerationRequest, n: int, spec: ModelSpec) -> list[i
         raise InvalidRequest(f"class_labels has {len(ids)} ids; give 1 (for all outputs) or n = {n}")
     for class_id in ids:
         if not 0 <= class_id < len(labels):
-            raise InvalidRequest(f"class label {class_id} out of range: model {spec.name} has ids 0..{len(labels) - 1}")
+            raise InvalidRequest(
+                f"class label {class_id} out of range: model {spec.name} has ids 0..{len(labels) - 1}"
+            )
     return ids * n if len(ids) == 1 else ids
 
 
@@ -49,7 +59,10 @@ def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSp
     """The full request with every default filled in and the seed chosen; what the worker runs."""
     size = request.size or spec.default_size
     if size not in spec.sizes:
-        raise InvalidRequest(f"size {size} not supported by {spec.name}; supported: {', '.join(spec.sizes)}", "unsupported_size")
+        raise InvalidRequest(
+            f"size {size} not supported by {spec.name}; supported: {', '.join(spec.sizes)}",
+            "unsupported_size",
+        )
     width, height = (int(part) for part in size.split("x"))
     n = request.n
     normalised = {
@@ -62,7 +75,9 @@ def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSp
         "width": width,
         "height": height,
         "num_inference_steps": request.num_inference_steps or spec.defaults.num_inference_steps,
-        "guidance_scale": spec.defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+        "guidance_scale": spec.defaults.guidance_scale
+        if request.guidance_scale is None
+        else request.guidance_scale,
         "seed": request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
         "output_format": request.output_format,
     }
@@ -79,7 +94,12 @@ def new_record(normalised: dict, kind: JobKind) -> tuple[str, dict[str, str]]:
     """A fresh job id and the fields of its record."""
     frames = int(normalised.get("num_frames", 1))
     compat = compat_key(
-        normalised["model"], kind, normalised["width"], normalised["height"], normalised["num_inference_steps"], frames
+        normalised["model"],
+        kind,
+        normalised["width"],
+        normalised["height"],
+        normalised["num_inference_steps"],
+        frames,
     )
     record = {
         RecordField.KIND.value: kind.value,

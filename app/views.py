@@ -3,7 +3,7 @@
 from redis import Redis
 
 from app.errors import NotFound
-from app.schemas import JobBody
+from app.schemas import JobBody, OutputBody
 from dit_serve.jobs import (
     STATUS_FROM_RQ,
     WORKER_LOST,
@@ -48,8 +48,8 @@ def job_body(redis: Redis, job_id: str) -> JobBody:
     error = loads_or(record.get(RecordField.ERROR.value), None)
     if status is JobStatus.FAILED and error is None:
         error = {"code": WORKER_LOST.code, "message": WORKER_LOST.message}
-    outputs = [
-        {**{k: v for k, v in output.items() if k not in ("key", "bytes")}, "url": output_url(job_id, output["index"])}
+    outputs: list[OutputBody] = [
+        OutputBody(**{**output, "url": output_url(job_id, output["index"])})
         for output in loads_or(record.get(RecordField.OUTPUTS.value), [])
     ]
     progress = int(record.get(RecordField.PROGRESS.value, b"0"))
@@ -61,10 +61,12 @@ def job_body(redis: Redis, job_id: str) -> JobBody:
         progress=progress if status is not JobStatus.QUEUED else 0,
         queue_position=queue_position(redis, model, job_id) if status is JobStatus.QUEUED else None,
         created_at=_float(record.get(RecordField.CREATED_AT.value)),
-        started_at=_float(record.get(RecordField.STARTED_AT.value)) if status is not JobStatus.QUEUED else None,
+        started_at=_float(record.get(RecordField.STARTED_AT.value))
+        if status is not JobStatus.QUEUED
+        else None,
         completed_at=_float(record.get(RecordField.COMPLETED_AT.value)),
         request=loads_or(record.get(RecordField.REQUEST.value), {}),
-        outputs=outputs if status is JobStatus.COMPLETED else [],
+        outputs=outputs if status is JobStatus.COMPLETED else [],  # finished outputs only
         error=error if status is JobStatus.FAILED else None,
     )
 

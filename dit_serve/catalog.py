@@ -54,7 +54,8 @@ def retire_worker(redis: Redis, name: str) -> None:
 def live_workers(redis: Redis) -> list[str]:
     now = time.time()
     redis.zremrangebyscore(WORKERS_KEY, "-inf", now)
-    return [name.decode() if isinstance(name, bytes) else name for name in redis.zrange(WORKERS_KEY, 0, -1)]
+    names: list[bytes] = redis.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
+    return [name.decode() for name in names]
 
 
 def served_models(redis: Redis) -> dict[str, ModelSpec]:

@@ -16,12 +16,24 @@ COMMON_FLAGS = [
     ("--host", "host", "address the API listens on (DIT_HOST, default 127.0.0.1)"),
     ("--port", "port", "port of the API (DIT_PORT, default 8000)"),
     ("--redis-url", "redis_url", "Redis URL (REDIS_URL); `up` starts an embedded Redis when absent"),
-    ("--output-dir", "output_dir", "where local storage writes outputs (DIT_OUTPUT_DIR, default ./data/outputs)"),
-    ("--data-dir", "data_dir", "models built at first start and embedded Redis data (DIT_DATA_DIR, default ./data)"),
+    (
+        "--output-dir",
+        "output_dir",
+        "where local storage writes outputs (DIT_OUTPUT_DIR, default ./data/outputs)",
+    ),
+    (
+        "--data-dir",
+        "data_dir",
+        "models built at first start and embedded Redis data (DIT_DATA_DIR, default ./data)",
+    ),
     ("--storage", "storage", "output storage: local or s3 (DIT_STORAGE)"),
     ("--device", "device", "auto, cpu or cuda (DIT_DEVICE, default auto)"),
     ("--max-batch", "max_batch", "most outputs sampled in one batch (DIT_MAX_BATCH, default 16)"),
-    ("--max-wait-ms", "max_wait_ms", "wait for more jobs after the first of a batch (DIT_MAX_WAIT_MS, default 20)"),
+    (
+        "--max-wait-ms",
+        "max_wait_ms",
+        "wait for more jobs after the first of a batch (DIT_MAX_WAIT_MS, default 20)",
+    ),
     ("--default-model", "default_model", "model used when a request names none (DIT_DEFAULT_MODEL)"),
     ("--log-level", "log_level", "debug, info, warning (DIT_LOG_LEVEL)"),
 ]
@@ -39,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         for flag, field, flag_help in COMMON_FLAGS:
             command.add_argument(flag, dest=field, default=None, help=flag_help)
         command.add_argument(
-            "--model", dest="models", action="append", default=None, metavar="NAME=PATH",
+            "--model",
+            dest="models",
+            action="append",
+            default=None,
+            metavar="NAME=PATH",
             help="serve a diffusers pipeline directory as NAME (repeatable; DIT_MODELS as a JSON list)",
         )
     return parser
@@ -71,7 +87,9 @@ def run_api(settings: Settings) -> None:
 
     from app.main import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
 
 
 def run_up(settings: Settings) -> None:

@@ -1,6 +1,6 @@
 """Typed settings: one `Settings` per process, built by `get_settings()`, every field an env variable."""
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -9,13 +9,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "DIT_"
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
 
 
-class StorageBackend(str, Enum):
+class StorageBackend(StrEnum):
     LOCAL = "local"
     S3 = "s3"
 

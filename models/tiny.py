@@ -110,6 +110,10 @@ def build_tiny_video_model(path: Path, seed: int = 0, num_layers: int = 1, num_h
     transformer.save_pretrained(path / "transformer")
     _vae(generator).save_pretrained(path / "vae")
     _scheduler().save_pretrained(path / "scheduler")
-    labels = [f"{label} moving {direction}" for label in shape_labels() for direction in ("left", "right", "up", "down")]
+    labels = [
+        f"{label} moving {direction}"
+        for label in shape_labels()
+        for direction in ("left", "right", "up", "down")
+    ]
     _write_index(path, "SpaceTimeDiTPipeline", ("models.space_time_dit", "SpaceTimeDiTModel"), labels)
     return path

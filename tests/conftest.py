@@ -25,7 +25,11 @@ TEST_DB = 15  # a dedicated database when REDIS_URL points at a shared server
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """REDIS_URL when set (its database 15), else a real redis-server started for the session."""
     if os.environ.get("REDIS_URL"):
-        base = os.environ["REDIS_URL"].rsplit("/", 1)[0] if os.environ["REDIS_URL"].count("/") > 2 else os.environ["REDIS_URL"]
+        base = (
+            os.environ["REDIS_URL"].rsplit("/", 1)[0]
+            if os.environ["REDIS_URL"].count("/") > 2
+            else os.environ["REDIS_URL"]
+        )
         yield f"{base}/{TEST_DB}"
         return
     with EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False) as server:
@@ -43,7 +47,7 @@ def redis(redis_url: str) -> Iterator[Redis]:
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random-weight pipelines saved to disk: fast ones, and a slow video model for cancel/crash tests."""
+    """Tiny random-weight pipelines on disk: fast ones, and a slow video model for cancel/crash tests."""
     from models.tiny import build_tiny_image_model, build_tiny_video_model
 
     root = tmp_path_factory.mktemp("models")
@@ -97,7 +101,10 @@ class Service:
     def _spawn(self, command: str, log_name: str, **extra: str) -> subprocess.Popen:
         log = open(self.tmp / log_name, "ab")  # noqa: SIM115 - the process owns it
         return subprocess.Popen(
-            [sys.executable, "-m", "dit_serve.cli", command], env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "dit_serve.cli", command],
+            env=self.env(**extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def start_api(self) -> None:
@@ -154,10 +161,14 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
 
 
 @pytest.fixture(scope="module")
-def service(redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(
+    redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
     """API + one worker serving the fast tiny models (module-scoped: started once per test file)."""
     Redis.from_url(redis_url).flushdb()
-    svc = Service(redis_url, tmp_path_factory.mktemp("service"), {"img": model_dirs["img"], "vid": model_dirs["vid"]})
+    svc = Service(
+        redis_url, tmp_path_factory.mktemp("service"), {"img": model_dirs["img"], "vid": model_dirs["vid"]}
+    )
     try:
         svc.start_api()
         svc.start_worker()

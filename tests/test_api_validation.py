@@ -73,7 +73,9 @@ def test_bad_video_request_is_rejected_and_queues_nothing(service: Service, case
 def test_non_json_body_is_422(service: Service) -> None:
     before = _queued_state(service)
     with service.client() as client:
-        response = client.post("/v1/images", content=b"{not json", headers={"content-type": "application/json"})
+        response = client.post(
+            "/v1/images", content=b"{not json", headers={"content-type": "application/json"}
+        )
     assert _assert_error_shape(response, 422)["code"] == "invalid_json"
     assert _queued_state(service) == before
 
@@ -81,7 +83,9 @@ def test_non_json_body_is_422(service: Service) -> None:
 def test_wrong_content_type_is_415(service: Service) -> None:
     before = _queued_state(service)
     with service.client() as client:
-        response = client.post("/v1/images", content=b'{"prompt": "red circle"}', headers={"content-type": "text/plain"})
+        response = client.post(
+            "/v1/images", content=b'{"prompt": "red circle"}', headers={"content-type": "text/plain"}
+        )
     assert _assert_error_shape(response, 415)["code"] == "unsupported_media_type"
     assert _queued_state(service) == before
 
@@ -104,7 +108,9 @@ def test_unknown_job_is_404(service: Service) -> None:
     with service.client() as client:
         assert _assert_error_shape(client.get("/v1/jobs/doesnotexist"), 404)["code"] == "job_not_found"
         assert _assert_error_shape(client.delete("/v1/jobs/doesnotexist"), 404)["code"] == "job_not_found"
-        assert _assert_error_shape(client.get("/v1/jobs/doesnotexist/outputs/0"), 404)["code"] == "job_not_found"
+        assert (
+            _assert_error_shape(client.get("/v1/jobs/doesnotexist/outputs/0"), 404)["code"] == "job_not_found"
+        )
 
 
 def test_output_index_out_of_range_is_404(service: Service) -> None:

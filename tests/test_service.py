@@ -29,7 +29,10 @@ def test_image_job_completes_and_png_decodes(service: Service) -> None:
         assert done["status"] == "completed", done
         assert done["progress"] == 100 and done["error"] is None
         assert done["started_at"] >= done["created_at"] and done["completed_at"] >= done["started_at"]
-        assert [(o["index"], o["seed"], o["width"], o["height"]) for o in done["outputs"]] == [(0, 7, 32, 32), (1, 8, 32, 32)]
+        assert [(o["index"], o["seed"], o["width"], o["height"]) for o in done["outputs"]] == [
+            (0, 7, 32, 32),
+            (1, 8, 32, 32),
+        ]
         first = client.get(done["outputs"][0]["url"])
         second = client.get(done["outputs"][1]["url"])
     assert first.headers["content-type"] == "image/png"
@@ -40,7 +43,9 @@ def test_image_job_completes_and_png_decodes(service: Service) -> None:
 
 def test_video_job_completes_and_mp4_decodes(service: Service) -> None:
     with service.client() as client:
-        job = client.post("/v1/videos", json={"model": "vid", "prompt": "red circle moving left", "num_frames": 8, "fps": 4}).json()
+        job = client.post(
+            "/v1/videos", json={"model": "vid", "prompt": "red circle moving left", "num_frames": 8, "fps": 4}
+        ).json()
         done = wait_for_status(client, job["id"], {"completed", "failed"})
         assert done["status"] == "completed", done
         output = done["outputs"][0]
@@ -54,11 +59,20 @@ def test_video_job_completes_and_mp4_decodes(service: Service) -> None:
 
 
 def test_other_formats_have_their_content_types(service: Service) -> None:
-    cases = [("/v1/images", {"prompt": "red circle", "output_format": "jpeg"}, "image/jpeg"),
-             ("/v1/images", {"prompt": "red circle", "output_format": "webp"}, "image/webp"),
-             ("/v1/videos", {"model": "vid", "prompt": "red circle moving up", "output_format": "gif", "num_frames": 4}, "image/gif")]
+    cases = [
+        ("/v1/images", {"prompt": "red circle", "output_format": "jpeg"}, "image/jpeg"),
+        ("/v1/images", {"prompt": "red circle", "output_format": "webp"}, "image/webp"),
+        (
+            "/v1/videos",
+            {"model": "vid", "prompt": "red circle moving up", "output_format": "gif", "num_frames": 4},
+            "image/gif",
+        ),
+    ]
     with service.client() as client:
-        ids = [(client.post(path, json={**body, "num_inference_steps": 3}).json()["id"], kind) for path, body, kind in cases]
+        ids = [
+            (client.post(path, json={**body, "num_inference_steps": 3}).json()["id"], kind)
+            for path, body, kind in cases
+        ]
         for job_id, content_type in ids:
             done = wait_for_status(client, job_id, {"completed", "failed"})
             response = client.get(done["outputs"][0]["url"])
@@ -78,12 +92,16 @@ def test_sixteen_jobs_share_batches_and_match_solo_outputs(service: Service) -> 
     body = {"num_inference_steps": 10, "guidance_scale": 3.0}
     with service.client() as client:
         solo = client.post("/v1/images", json={**body, "prompt": "green square", "seed": 1234}).json()
-        solo_pixels = _image(client.get(wait_for_status(client, solo["id"], {"completed"})["outputs"][0]["url"]).content)
+        solo_pixels = _image(
+            client.get(wait_for_status(client, solo["id"], {"completed"})["outputs"][0]["url"]).content
+        )
 
         def submit(k: int) -> str:
             labels = {"class_labels": [k % 24]} if k else {"prompt": "green square"}
             extra = {"guidance_scale": 1.0 + k % 5} if k else {}
-            return client.post("/v1/images", json={**body, **labels, **extra, "seed": 1234 + k * 1000 * (k > 0)}).json()["id"]
+            return client.post(
+                "/v1/images", json={**body, **labels, **extra, "seed": 1234 + k * 1000 * (k > 0)}
+            ).json()["id"]
 
         with ThreadPoolExecutor(16) as pool:
             ids = list(pool.map(submit, range(16)))
@@ -103,7 +121,12 @@ def test_models_endpoint_describes_served_models(service: Service) -> None:
     models = {model["name"]: model for model in body["data"]}
     assert set(models) == {"img", "vid"}
     img, vid = models["img"], models["vid"]
-    assert (img["kind"], img["family"], img["sizes"], img["default_size"]) == ("image", "dit", ["32x32"], "32x32")
+    assert (img["kind"], img["family"], img["sizes"], img["default_size"]) == (
+        "image",
+        "dit",
+        ["32x32"],
+        "32x32",
+    )
     assert img["labels"][:2] == ["red circle", "red square"] and len(img["labels"]) == 24
     assert img["defaults"] == {"num_inference_steps": 25, "guidance_scale": 4.0, "num_frames": None}
     assert vid["kind"] == "video" and vid["defaults"]["num_frames"] == 16 and vid["max_frames"] == 16

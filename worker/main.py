@@ -24,7 +24,9 @@ DEFAULT_MODELS = {"dit-image-tiny": build_tiny_image_model, "dit-video-tiny": bu
 
 def resolve_device(device: Device) -> torch.device:
     if device is Device.CUDA and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        raise SystemExit(
+            "--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto"
+        )
     if device is Device.AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device.value)
@@ -66,7 +68,9 @@ def load_models(settings: Settings, device: torch.device) -> dict[str, LoadedMod
 def run_worker(settings: Settings) -> None:
     """Start a worker process and block until it is told to stop."""
     if not settings.redis_url:
-        raise SystemExit("dit-serve worker needs --redis-url (or REDIS_URL); `dit-serve up` starts one for you")
+        raise SystemExit(
+            "dit-serve worker needs --redis-url (or REDIS_URL); `dit-serve up` starts one for you"
+        )
     device = resolve_device(settings.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -51,7 +51,8 @@ for _, id in ipairs(ids) do
       redis.call('HSET', job_key, 'status', 'started', 'started_at', ARGV[4], 'worker_name', ARGV[6],
         'last_heartbeat', ARGV[4])
       redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[7])
-      redis.call('HSET', rec_key, 'started_at', ARGV[8], 'execution', ARGV[7], 'worker', ARGV[6], 'progress', 0)
+      redis.call('HSET', rec_key, 'started_at', ARGV[8], 'execution', ARGV[7], 'worker', ARGV[6],
+        'progress', 0)
       redis.call('HINCRBY', rec_key, 'attempts', 1)
       taken[#taken + 1] = id
       total = total + samples
@@ -66,9 +67,8 @@ return taken
 # KEYS: rq job, record, StartedJobRegistry, target registry.
 # ARGV: job id, execution id, RQ status, RQ now, registry score, unix now, ttl, then field/value pairs.
 _SETTLE_SCRIPT = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'started' or redis.call('HGET', KEYS[2], 'execution') ~= ARGV[2] then
-  return 0
-end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'started' or redis.call('HGET', KEYS[2], 'execution') ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[1] .. ':' .. ARGV[2])
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'ended_at', ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
@@ -87,7 +87,9 @@ def new_execution_id() -> str:
 class JobQueue:
     """One worker's connection to the model queues it serves."""
 
-    def __init__(self, redis: Redis, queue_names: list[str], worker_name: str, heartbeat_ttl_s: int, ttl_s: int):
+    def __init__(
+        self, redis: Redis, queue_names: list[str], worker_name: str, heartbeat_ttl_s: int, ttl_s: int
+    ):
         self.redis = redis
         self.queues = {name: Queue(name, connection=redis) for name in queue_names}
         self.worker_name = worker_name
@@ -103,10 +105,23 @@ class JobQueue:
         """Atomically take compatible queued jobs (up to max_samples outputs) from the head of `queue`."""
         now = time.time()
         ids = self._take(
-            keys=[self.queues[queue].key, self._started(queue).key, CanceledJobRegistry(queue, connection=self.redis).key],
+            keys=[
+                self.queues[queue].key,
+                self._started(queue).key,
+                CanceledJobRegistry(queue, connection=self.redis).key,
+            ],
             args=[
-                max_samples, LOOKAHEAD, compat, rq_timestamp(now), now + self.heartbeat_ttl_s,
-                self.worker_name, execution, now, rq_job_key(""), record_key(""), self.ttl_s,
+                max_samples,
+                LOOKAHEAD,
+                compat,
+                rq_timestamp(now),
+                now + self.heartbeat_ttl_s,
+                self.worker_name,
+                execution,
+                now,
+                rq_job_key(""),
+                record_key(""),
+                self.ttl_s,
             ],
         )
         if not ids:
@@ -130,7 +145,11 @@ class JobQueue:
         now = rq_timestamp()
         with self.redis.pipeline() as pipe:
             for ticket in tickets:
-                pipe.zadd(self._started(ticket.queue).key, {f"{ticket.job_id}:{ticket.execution}": deadline}, xx=True)
+                pipe.zadd(
+                    self._started(ticket.queue).key,
+                    {f"{ticket.job_id}:{ticket.execution}": deadline},
+                    xx=True,
+                )
                 pipe.hset(rq_job_key(ticket.job_id), "last_heartbeat", now)
             pipe.execute()
 
@@ -144,12 +163,28 @@ class JobQueue:
             replies = pipe.execute()
         return {job_id for job_id, flag in zip(job_ids, replies[1::2], strict=True) if flag == b"1"}
 
-    def _settle_job(self, ticket: JobTicket, rq_status: str, registry_key: str, fields: dict[str, str]) -> bool:
+    def _settle_job(
+        self, ticket: JobTicket, rq_status: str, registry_key: str, fields: dict[str, str]
+    ) -> bool:
         now = time.time()
         pairs = [item for pair in fields.items() for item in pair]
         settled = self._settle(
-            keys=[rq_job_key(ticket.job_id), record_key(ticket.job_id), self._started(ticket.queue).key, registry_key],
-            args=[ticket.job_id, ticket.execution, rq_status, rq_timestamp(now), now + self.ttl_s, now, self.ttl_s, *pairs],
+            keys=[
+                rq_job_key(ticket.job_id),
+                record_key(ticket.job_id),
+                self._started(ticket.queue).key,
+                registry_key,
+            ],
+            args=[
+                ticket.job_id,
+                ticket.execution,
+                rq_status,
+                rq_timestamp(now),
+                now + self.ttl_s,
+                now,
+                self.ttl_s,
+                *pairs,
+            ],
         )
         return bool(settled)
 
@@ -165,4 +200,3 @@ class JobQueue:
     def cancel(self, ticket: JobTicket) -> bool:
         registry = CanceledJobRegistry(ticket.queue, connection=self.redis)
         return self._settle_job(ticket, "canceled", registry.key, {})
-

@@ -8,7 +8,9 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 SAMPLING_PROGRESS = 95  # progress reported when denoising ends; decode, encode and store take the rest
 IDLE_WAIT_S = 1.0  # longest block on the wake list before looking at the queues again
 REDIS_RETRY_S = 1.0
+SETTLE_RETRY_S = 300.0  # after this long, a finished job is left to the reaper (it reruns)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,9 @@ def model_spec(model: LoadedModel) -> ModelSpec:
         sizes=[size],
         default_size=size,
         defaults=ModelDefaults(
-            num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, num_frames=model.default_frames
+            num_inference_steps=DEFAULT_STEPS,
+            guidance_scale=DEFAULT_GUIDANCE,
+            num_frames=model.default_frames,
         ),
         labels=model.labels,
         max_frames=model.max_frames,
@@ -152,10 +157,16 @@ class Worker:
         total = sum(ticket.num_outputs for ticket in tickets)
         deadline = time.monotonic() + self.config.max_wait_ms / 1000
         while total < self.config.max_batch and (remaining := deadline - time.monotonic()) > 0:
-            more = self.queue.take(queue, self.config.max_batch - total, execution, tickets[0].compat)
-            if not more:
-                self.queue.wait_for_work([queue], remaining)
-                continue
+            try:
+                more = self.queue.take(queue, self.config.max_batch - total, execution, tickets[0].compat)
+                if not more:
+                    self.queue.wait_for_work([queue], remaining)
+                    continue
+            except RedisError as exc:
+                log.warning(
+                    "redis failed while filling a batch (%s); running the %d jobs taken", exc, len(tickets)
+                )
+                break
             self._hold(more)
             tickets += more
             total += sum(ticket.num_outputs for ticket in more)
@@ -165,13 +176,19 @@ class Worker:
         job_ids = list(batch.jobs)
         log.info("batch of %d outputs from %d jobs: %s", len(batch), len(job_ids), batch.compat)
         try:
+            self._finish_batch(batch)
+        finally:
+            # Whatever happened, stop heartbeating these jobs: one not settled is reaped and requeued.
+            self._release(job_ids)
+
+    def _finish_batch(self, batch: Batch) -> None:
+        try:
             pixels, canceled = self._sample(batch)
         except Exception as exc:
             log.exception("sampling failed for batch %s", batch.compat)
             error = JobError("sampling_failed", f"sampling failed on worker {self.config.name}: {exc}")
             for ticket in batch.jobs.values():
-                self.queue.fail(ticket, error)
-            self._release(job_ids)
+                self._settle(partial(self.queue.fail, ticket, error))
             return
         for job_id, ticket in batch.jobs.items():
             if job_id in canceled:
@@ -180,11 +197,24 @@ class Worker:
                 outputs = store_outputs(self.storage, ticket, pixels[job_id])
             except Exception as exc:
                 log.exception("storing outputs of job %s failed", job_id)
-                self.queue.fail(ticket, JobError("storage_failed", f"could not store the outputs: {exc}"))
+                error = JobError("storage_failed", f"could not store the outputs: {exc}")
+                self._settle(partial(self.queue.fail, ticket, error))
                 continue
-            if not self.queue.complete(ticket, outputs):
+            if not self._settle(partial(self.queue.complete, ticket, outputs)):
                 log.warning("job %s was taken back from this worker before it finished", job_id)
-        self._release(job_ids)
+
+    def _settle(self, settle: Callable[[], bool]) -> bool:
+        """Record a job's end, retrying while Redis is down (the heartbeat keeps the job ours meanwhile)."""
+        deadline = time.monotonic() + SETTLE_RETRY_S
+        while True:
+            try:
+                return settle()
+            except RedisError as exc:
+                if time.monotonic() > deadline:
+                    log.error("giving up recording a job's end after %.0f s: %s", SETTLE_RETRY_S, exc)
+                    return False
+                log.warning("redis unavailable while recording a job's end (%s); retrying", exc)
+                time.sleep(REDIS_RETRY_S)
 
     def _sample(self, batch: Batch) -> tuple[dict[str, list[np.ndarray]], set[str]]:
         """Sample every row of the batch; returns each job's pixels and the jobs canceled on the way."""

@@ -26,7 +26,7 @@ def initial_noise(
     """Draw each row's starting latent from its own generator.
 
     Drawn in fp32 on the generators' device (CPU) and then moved, so a seed gives the same noise on
-    any device and dtype, and the same noise as `DiTPipeline` with `generator=[torch.Generator().manual_seed(seed)]`.
+    any device and dtype, and the same noise as `DiTPipeline` with a CPU generator seeded alike.
 
     Returns:
         (N, *shape) latents, N = len(generators).

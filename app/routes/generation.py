@@ -13,7 +13,9 @@ from dit_serve.queueing import enqueue_job
 router = APIRouter(prefix="/v1", tags=["generation"])
 
 
-def _submit(request: Request, body: ImageRequest | VideoRequest, kind: JobKind, redis, settings, response: Response) -> JobBody:  # type: ignore[no-untyped-def]
+def _submit(
+    request: Request, body: ImageRequest | VideoRequest, kind: JobKind, redis, settings, response: Response
+) -> JobBody:  # type: ignore[no-untyped-def]
     spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
     normalised = normalise(body, kind, spec)
     job_id, record = new_record(normalised, kind)
@@ -24,12 +26,16 @@ def _submit(request: Request, body: ImageRequest | VideoRequest, kind: JobKind, 
 
 
 @router.post("/images", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(require_json)])
-def create_image(request: Request, body: ImageRequest, redis: RedisDep, settings: SettingsDep, response: Response) -> JobBody:
+def create_image(
+    request: Request, body: ImageRequest, redis: RedisDep, settings: SettingsDep, response: Response
+) -> JobBody:
     """Queue an image generation job."""
     return _submit(request, body, JobKind.IMAGE, redis, settings, response)
 
 
 @router.post("/videos", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(require_json)])
-def create_video(request: Request, body: VideoRequest, redis: RedisDep, settings: SettingsDep, response: Response) -> JobBody:
+def create_video(
+    request: Request, body: VideoRequest, redis: RedisDep, settings: SettingsDep, response: Response
+) -> JobBody:
     """Queue a video generation job."""
     return _submit(request, body, JobKind.VIDEO, redis, settings, response)

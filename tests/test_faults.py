@@ -1,0 +1,136 @@
+"""Cancel and crash safety, with a slow model so jobs are really in flight: real processes, real kill -9."""
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from tests.conftest import Service, wait_for_status
+
+pytestmark = pytest.mark.slow
+RECOVERY_LIMIT_S = 60.0  # the promise: no job of a killed worker stays in_progress longer
+
+
+@pytest.fixture
+def slow_service(redis_url: str, model_dirs: dict[str, Path], tmp_path: Path) -> Iterator[Service]:
+    Redis.from_url(redis_url).flushdb()
+    svc = Service(redis_url, tmp_path, {"slow": model_dirs["slow"]}, {"DIT_DEFAULT_MODEL": "slow"})
+    try:
+        svc.start_api()
+        yield svc
+    finally:
+        svc.stop()
+        Redis.from_url(redis_url).flushdb()
+
+
+def _video(client, steps: int, label: str = "red circle moving left") -> str:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/v1/videos", json={"prompt": label, "num_inference_steps": steps, "num_frames": 16}
+    )
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def _wait_progress(client, job_id: str, timeout_s: float = 60.0) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "in_progress" and job["progress"] > 0:
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never made progress")
+
+
+def test_cancel_queued_and_in_progress_jobs(slow_service: Service) -> None:
+    slow_service.start_worker()
+    redis = Redis.from_url(slow_service.redis_url)
+    with slow_service.client() as client:
+        blocker = _video(client, 25)
+        _wait_progress(client, blocker)
+        pair = [_video(client, 40), _video(client, 40, "blue square moving up")]  # compatible: one batch
+        queued = _video(client, 41)
+        job = client.get(f"/v1/jobs/{queued}").json()
+        assert job["status"] == "queued" and job["queue_position"] == 2
+
+        response = client.delete(f"/v1/jobs/{queued}")
+        assert response.status_code == 200 and response.json()["status"] == "canceled"
+        assert client.get(f"/v1/jobs/{pair[1]}").json()["queue_position"] == 1
+
+        _wait_progress(client, pair[0])
+        assert redis.hget(f"dit:job:{pair[0]}", "execution") == redis.hget(f"dit:job:{pair[1]}", "execution")
+        response = client.delete(f"/v1/jobs/{pair[0]}")
+        assert response.status_code == 202 and response.json()["status"] == "in_progress"
+        canceled = wait_for_status(client, pair[0], {"canceled", "completed", "failed"})
+        survivor = wait_for_status(client, pair[1], {"completed", "failed", "canceled"})
+        never_ran = client.get(f"/v1/jobs/{queued}").json()
+
+        assert canceled["status"] == "canceled" and canceled["progress"] < 100 and canceled["outputs"] == []
+        assert (
+            survivor["status"] == "completed" and len(survivor["outputs"]) == 1
+        )  # the rest of the batch carried on
+        assert client.get(survivor["outputs"][0]["url"]).status_code == 200
+        assert never_ran["status"] == "canceled" and never_ran["started_at"] is None
+        conflict = client.delete(f"/v1/jobs/{pair[1]}")
+        assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "job_finished"
+    assert "canceled at step" in slow_service.worker_log()
+
+
+def test_killed_worker_jobs_are_requeued_and_finished_by_another(slow_service: Service) -> None:
+    victim = slow_service.start_worker()
+    with slow_service.client() as client:
+        ids = [
+            _video(client, 60, label)
+            for label in ("red circle moving left", "green square moving up", "blue triangle moving down")
+        ]
+        for job_id in ids:
+            _wait_progress(client, job_id)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        killed_at = time.monotonic()
+        # Nobody is left to reap but the API: it must put the jobs back on their own.
+        while any(client.get(f"/v1/jobs/{job_id}").json()["status"] == "in_progress" for job_id in ids):
+            assert time.monotonic() - killed_at < RECOVERY_LIMIT_S, (
+                "jobs of a killed worker still in_progress"
+            )
+            time.sleep(0.5)
+        assert {client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids} == {"queued"}
+
+        slow_service.start_worker()
+        finished = [wait_for_status(client, job_id, {"completed", "failed"}, timeout_s=120) for job_id in ids]
+    assert [job["status"] for job in finished] == ["completed"] * 3
+    redis = Redis.from_url(slow_service.redis_url)
+    assert [int(redis.hget(f"dit:job:{job_id}", "attempts")) for job_id in ids] == [2, 2, 2]
+
+
+def test_job_without_retries_fails_with_worker_lost(
+    redis_url: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    Redis.from_url(redis_url).flushdb()
+    fast_reaping = {
+        "DIT_JOB_RETRIES": "0",
+        "DIT_HEARTBEAT_TTL_S": "3",
+        "DIT_HEARTBEAT_INTERVAL_S": "0.5",
+        "DIT_REAP_INTERVAL_S": "0.5",
+    }
+    svc = Service(
+        redis_url, tmp_path, {"slow": model_dirs["slow"]}, {"DIT_DEFAULT_MODEL": "slow", **fast_reaping}
+    )
+    try:
+        svc.start_api()
+        victim = svc.start_worker()
+        with svc.client() as client:
+            job_id = _video(client, 80)
+            _wait_progress(client, job_id)
+            os.kill(victim.pid, signal.SIGKILL)
+            failed = wait_for_status(
+                client, job_id, {"failed", "queued", "completed"}, timeout_s=RECOVERY_LIMIT_S
+            )
+        assert failed["status"] == "failed"
+        assert failed["error"]["code"] == "worker_lost"
+    finally:
+        svc.stop()
+        Redis.from_url(redis_url).flushdb()
