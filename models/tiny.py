@@ -23,8 +23,10 @@ VIDEO_FRAMES = 16
 HEAD_DIM = 16
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SHAPES = ("circle", "square", "triangle", "diamond")
-# Random weights at this scale give every layer (adaLN-Zero gates included) a non-zero effect.
-INIT_STD = 0.05
+# Random weights at this scale give every layer (adaLN-Zero gates included) a visible effect; class
+# embeddings get nn.Embedding's usual N(0, 1) so that labels and CFG change the picture.
+INIT_STD = 0.1
+EMBEDDING_STD = 1.0
 
 
 def shape_labels() -> list[str]:
@@ -34,8 +36,9 @@ def shape_labels() -> list[str]:
 def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Overwrite every parameter, so zero-initialised adaLN-Zero layers do not make the output zero."""
     with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
+        for name, param in module.named_parameters():
+            std = EMBEDDING_STD if "embedding_table" in name else INIT_STD
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def _vae(generator: torch.Generator) -> AutoencoderKL:
