@@ -6,10 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 from redis import Redis
@@ -18,7 +21,10 @@ from dit_serve.embedded_redis import EmbeddedRedis, free_port
 
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.05
-TEST_DB = 15  # a dedicated database when REDIS_URL points at a shared server
+TEST_DB = 15
+MOTO_START_TIMEOUT_S = 15.0
+BUCKET = "dit-outputs"
+REGION = "us-east-1"  # a dedicated database when REDIS_URL points at a shared server
 
 
 @pytest.fixture(scope="session")
@@ -176,3 +182,55 @@ def service(
     finally:
         svc.stop()
         Redis.from_url(redis_url).flushdb()
+
+
+# --- a real S3 endpoint: moto's server mode over HTTP -------------------------------------------
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:
+    """Poll url until the server answers, failing fast if the process dies."""
+    deadline = time.monotonic() + MOTO_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited early with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered, even if with an error status
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto server at {url} did not answer within {MOTO_START_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start `python -m moto.server` on a free port with dummy credentials; yield its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    empty = tmp_path_factory.mktemp("aws") / "empty"
+    empty.write_text("")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "test")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        env.setenv("AWS_DEFAULT_REGION", REGION)
+        env.setenv("AWS_CONFIG_FILE", str(empty))  # ignore any real AWS config on this machine
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+        env.delenv("AWS_PROFILE", raising=False)
+        env.delenv("AWS_SESSION_TOKEN", raising=False)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_until_up(url, process)
+            boto3.client("s3", endpoint_url=url, region_name=REGION).create_bucket(Bucket=BUCKET)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -25,11 +18,9 @@ from dit_serve.storage import (
     make_storage,
     output_key,
 )
+from tests.conftest import BUCKET, REGION
 
 PNG_TYPE = "image/png"
-MOTO_START_TIMEOUT_S = 15.0
-BUCKET = "dit-outputs"
-REGION = "us-east-1"
 
 
 def _files(root: Path) -> list[str]:
@@ -171,62 +162,6 @@ def test_make_storage_and_output_key(tmp_path: Path) -> None:
 
 
 # --- S3Storage against a real moto server -------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    """Return a TCP port that is free right now on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:
-    """Poll url until the server answers, failing fast if the process dies."""
-    deadline = time.monotonic() + MOTO_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited early with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except urllib.error.HTTPError:
-            return  # it answered, even if with an error status
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"moto server at {url} did not answer within {MOTO_START_TIMEOUT_S} s")
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start `python -m moto.server` on a free port with dummy credentials; yield its URL."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    empty = tmp_path_factory.mktemp("aws") / "empty"
-    empty.write_text("")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "test")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        env.setenv("AWS_DEFAULT_REGION", REGION)
-        env.setenv("AWS_CONFIG_FILE", str(empty))  # ignore any real AWS config on this machine
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-        env.delenv("AWS_PROFILE", raising=False)
-        env.delenv("AWS_SESSION_TOKEN", raising=False)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_until_up(url, process)
-            boto3.client("s3", endpoint_url=url, region_name=REGION).create_bucket(Bucket=BUCKET)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def test_s3_round_trip_with_prefix(moto_endpoint: str) -> None:
