@@ -134,3 +134,63 @@ def test_job_without_retries_fails_with_worker_lost(
     finally:
         svc.stop()
         Redis.from_url(redis_url).flushdb()
+
+
+def test_sigterm_lets_the_worker_finish_its_batch(slow_service: Service) -> None:
+    worker = slow_service.start_worker()
+    with slow_service.client() as client:
+        job_id = _video(client, 40)
+        _wait_progress(client, job_id)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert worker.returncode == 0
+    assert job["status"] == "completed"  # warm shutdown: the batch in flight was finished, not dropped
+    assert slow_service.live_workers() == []  # and the worker deregistered itself
+
+
+def test_a_redis_restart_mid_job_loses_nothing(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from dit_serve.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis", persistent=True).start()
+    svc = Service(server.url, tmp_path, {"slow": model_dirs["slow"]}, {"DIT_DEFAULT_MODEL": "slow"})
+    try:
+        svc.start_api()
+        svc.start_worker()
+        with svc.client() as client:
+            job_id = _video(client, 50)
+            _wait_progress(client, job_id)
+            time.sleep(1.5)  # let the append-only file catch up (fsync every second)
+            server.stop()
+            down = client.post("/v1/videos", json={"prompt": "red circle moving left"})
+            assert down.status_code == 503 and down.json()["error"]["code"] == "redis_unavailable"
+            time.sleep(2)
+            server.start()  # same port, same directory: the append-only file brings the jobs back
+            job = wait_for_status(client, job_id, {"completed", "failed", "canceled"}, timeout_s=90)
+        assert job["status"] == "completed", job
+    finally:
+        svc.stop()
+        server.stop()
+
+
+def test_a_storage_failure_fails_the_job_with_a_clear_error(
+    redis_url: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    Redis.from_url(redis_url).flushdb()
+    outputs = tmp_path / "broken-outputs"
+    outputs.mkdir()
+    (outputs / "jobs").write_text("a file where the jobs directory should be")
+    svc = Service(redis_url, tmp_path, {"img": model_dirs["img"]}, {"DIT_OUTPUT_DIR": str(outputs)})
+    try:
+        svc.start_api()
+        svc.start_worker()
+        with svc.client() as client:
+            job = client.post("/v1/images", json={"prompt": "red circle", "num_inference_steps": 2}).json()
+            failed = wait_for_status(client, job["id"], {"completed", "failed"})
+            assert failed["status"] == "failed"
+            assert failed["error"]["code"] == "storage_failed" and "outputs" in failed["error"]["message"]
+            # The worker is still serving after the failure.
+            assert client.get("/readyz").status_code == 200
+    finally:
+        svc.stop()
+        Redis.from_url(redis_url).flushdb()

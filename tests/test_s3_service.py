@@ -14,9 +14,16 @@ PREFIX = "e2e"
 
 
 @pytest.fixture
-def s3_service(redis_url: str, model_dirs: dict[str, Path], moto_endpoint: str, tmp_path: Path) -> Iterator[Service]:
+def s3_service(
+    redis_url: str, model_dirs: dict[str, Path], moto_endpoint: str, tmp_path: Path
+) -> Iterator[Service]:
     Redis.from_url(redis_url).flushdb()
-    s3 = {"DIT_STORAGE": "s3", "DIT_S3_BUCKET": BUCKET, "DIT_S3_PREFIX": PREFIX, "DIT_S3_ENDPOINT_URL": moto_endpoint}
+    s3 = {
+        "DIT_STORAGE": "s3",
+        "DIT_S3_BUCKET": BUCKET,
+        "DIT_S3_PREFIX": PREFIX,
+        "DIT_S3_ENDPOINT_URL": moto_endpoint,
+    }
     svc = Service(redis_url, tmp_path, {"img": model_dirs["img"]}, {**s3, "DIT_S3_REGION": REGION})
     try:
         svc.start_api()
@@ -29,7 +36,9 @@ def s3_service(redis_url: str, model_dirs: dict[str, Path], moto_endpoint: str, 
 
 def test_outputs_go_to_s3_and_come_back_through_the_api(s3_service: Service, moto_endpoint: str) -> None:
     with s3_service.client() as client:
-        job = client.post("/v1/images", json={"prompt": "cyan diamond", "n": 2, "num_inference_steps": 3}).json()
+        job = client.post(
+            "/v1/images", json={"prompt": "cyan diamond", "n": 2, "num_inference_steps": 3}
+        ).json()
         done = wait_for_status(client, job["id"], {"completed", "failed"})
         assert done["status"] == "completed", done
         served = [client.get(output["url"]) for output in done["outputs"]]

@@ -145,7 +145,7 @@ def test_health_readiness_and_metrics(service: Service) -> None:
 
 
 def test_jobs_are_visible_to_rq_tooling(service: Service) -> None:
-    from rq import Queue
+    from rq import Queue, Worker
     from rq.registry import FinishedJobRegistry
 
     with service.client() as client:
@@ -155,3 +155,4 @@ def test_jobs_are_visible_to_rq_tooling(service: Service) -> None:
     queue = Queue("dit-serve.img", connection=redis)
     assert job["id"] in FinishedJobRegistry(queue=queue).get_job_ids()
     assert queue.fetch_job(job["id"]).get_status() == "finished"
+    assert [worker.name for worker in Worker.all(queue=queue)] == service.live_workers()  # `rq info` lists it

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from redis import Redis
 from redis.exceptions import RedisError
+from rq import SimpleWorker
 
 from dit_serve.catalog import ModelDefaults, ModelSpec, publish_worker, retire_worker
 from dit_serve.jobs import JobError, queue_name
@@ -75,6 +76,11 @@ class Worker:
         self.specs = [model_spec(model) for model in models.values()]
         self.storage = storage
         self.queue = JobQueue(redis, list(self.models), config.name, config.heartbeat_ttl_s, config.job_ttl_s)
+        # Registered in RQ's worker registry only so that `rq info` and rq-dashboard list it;
+        # RQ's own loop (one job at a time) never runs.
+        queues = list(self.queue.queues.values())
+        ttl = config.heartbeat_ttl_s
+        self.rq_worker = SimpleWorker(queues, connection=redis, name=config.name, worker_ttl=ttl)
         self.stopping = threading.Event()
         self.batches_run = 0
         self._held: dict[str, JobTicket] = {}
@@ -85,6 +91,7 @@ class Worker:
     def serve_forever(self) -> None:
         """Run until `stopping` is set; the batch in flight is finished first (warm shutdown)."""
         self._publish()
+        self.rq_worker.register_birth()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
         log.info("worker %s serving %s", self.config.name, ", ".join(spec.name for spec in self.specs))
@@ -100,12 +107,15 @@ class Worker:
             heartbeat.join(timeout=self.config.heartbeat_interval_s + 1)
             try:
                 retire_worker(self.redis, self.config.name)
+                self.rq_worker.register_death()
             except RedisError:
                 log.warning("could not retire worker %s: redis unavailable", self.config.name)
 
     def _publish(self) -> None:
         ttl = self.config.heartbeat_ttl_s
         publish_worker(self.redis, self.config.name, self.specs, ttl)
+        if self.rq_worker.birth_date is not None:
+            self.rq_worker.heartbeat(timeout=ttl)
 
     def _heartbeat_loop(self) -> None:
         last_reap = 0.0
