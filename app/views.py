@@ -45,6 +45,11 @@ def job_body(redis: Redis, job_id: str) -> JobBody:
     record, rq_status = read_record(redis, job_id)
     status = STATUS_FROM_RQ.get(rq_status, JobStatus.QUEUED)
     model = record[RecordField.MODEL.value].decode()
+    position = queue_position(redis, model, job_id) if status is JobStatus.QUEUED else None
+    if status is JobStatus.QUEUED and position is None:
+        # A worker took the job between the two reads: read it again, now that it has started.
+        record, rq_status = read_record(redis, job_id)
+        status = STATUS_FROM_RQ.get(rq_status, JobStatus.QUEUED)
     error = loads_or(record.get(RecordField.ERROR.value), None)
     if status is JobStatus.FAILED and error is None:
         error = {"code": WORKER_LOST.code, "message": WORKER_LOST.message}
@@ -59,7 +64,7 @@ def job_body(redis: Redis, job_id: str) -> JobBody:
         model=model,
         status=status.value,
         progress=progress if status is not JobStatus.QUEUED else 0,
-        queue_position=queue_position(redis, model, job_id) if status is JobStatus.QUEUED else None,
+        queue_position=position if status is JobStatus.QUEUED else None,
         created_at=_float(record.get(RecordField.CREATED_AT.value)),
         started_at=_float(record.get(RecordField.STARTED_AT.value))
         if status is not JobStatus.QUEUED
