@@ -12,6 +12,7 @@ from rq import Queue, Retry
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
 from dit_serve.jobs import (
+    KEY_PREFIX,
     TASK_FUNCTION,
     RecordField,
     queue_name,
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 QUEUE_PREFIX = queue_name("")
 MAX_WAKE_TOKENS = 64
+REAPER_LOCK_KEY = f"{KEY_PREFIX}:reaper-lock"
+REAPER_LOCK_MS = 1000  # at most one reaping pass per second across all processes
 
 # KEYS: rq job, our record, the queue list, the canceled registry.
 # ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds.
@@ -106,6 +109,9 @@ def reap_lost_jobs(redis: Redis) -> None:
     inside a worker's maintenance every 10 minutes; the API and every dit-serve worker call this
     every few seconds, so a lost job is back in the queue within heartbeat_ttl_s + reap_interval_s.
     """
+    # Many processes reap; one at a time, or two could requeue the same job twice.
+    if not redis.set(REAPER_LOCK_KEY, "1", nx=True, px=REAPER_LOCK_MS):
+        return
     for queue in dit_queues(redis):
         try:
             StartedJobRegistry(queue.name, connection=redis).cleanup()

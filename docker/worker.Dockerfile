@@ -3,9 +3,10 @@
 # torch it keeps (pyproject's range ">=2.3,<2.15" accepts it; a constraint pins it so pip can only
 # fail, never download a second torch). Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t dit-serve-worker .
-# The base image's Python is 3.11 (the project needs >= 3.11). Another torch/CUDA pair:
+# torch 2.9 because current diffusers releases want torch >= 2.6; the image's Python is >= 3.11, as the
+# project needs. CUDA 12.8 needs a recent host driver; for an older one, or another torch:
 #   --build-arg BASE_IMAGE=pytorch/pytorch:<torch>-cuda<x.y>-cudnn9-runtime
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \

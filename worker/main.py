@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import uuid
@@ -52,7 +53,15 @@ def default_model_sources(data_dir: Path) -> dict[str, Path]:
         path = data_dir / "models" / name
         if not (path / "model_index.json").is_file():
             log.info("building the default model %s in %s (random weights)", name, path)
-            build(path)
+            # Built aside and renamed into place, so workers sharing a data dir never load half a model.
+            staging = path.with_name(f".{name}.{uuid.uuid4().hex}")
+            build(staging)
+            try:
+                staging.rename(path)
+            except OSError:  # another worker got there first (or a broken leftover is in the way)
+                shutil.rmtree(staging, ignore_errors=True)
+                if not (path / "model_index.json").is_file():
+                    raise
         sources[name] = path
     return sources
 

@@ -34,9 +34,10 @@ for _, id in ipairs(ids) do
   local job_key = ARGV[9] .. id
   local rec_key = ARGV[10] .. id
   local status = redis.call('HGET', job_key, 'status')
-  if not status then
+  if status ~= 'queued' then
+    -- Only queued jobs belong in a queue: drop entries of deleted or already started jobs.
     redis.call('LREM', KEYS[1], 0, id)
-  elseif status == 'queued' then
+  else
     local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel')
     local samples = tonumber(rec[2])
     if rec[3] == '1' then
