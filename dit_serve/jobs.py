@@ -40,7 +40,6 @@ STATUS_FROM_RQ = {
     "stopped": JobStatus.CANCELED,
     "canceled": JobStatus.CANCELED,
 }
-TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED}
 
 
 class RecordField(StrEnum):

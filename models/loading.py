@@ -60,10 +60,6 @@ class LoadedModel:
     def default_frames(self) -> int | None:
         return self.max_frames
 
-    @property
-    def learned_sigma(self) -> bool:
-        return self.transformer.config.out_channels == 2 * self.latent_channels
-
     def new_scheduler(self) -> SchedulerMixin:
         """A fresh scheduler per batch: schedulers keep per-run state (timesteps, multistep history)."""
         return type(self.scheduler).from_config(self.scheduler.config)

@@ -82,7 +82,6 @@ class Worker:
         ttl = config.heartbeat_ttl_s
         self.rq_worker = SimpleWorker(queues, connection=redis, name=config.name, worker_ttl=ttl)
         self.stopping = threading.Event()
-        self.batches_run = 0
         self._held: dict[str, JobTicket] = {}
         self._held_lock = threading.Lock()
         self._next_queue = 0
@@ -148,7 +147,6 @@ class Worker:
             self.queue.wait_for_work(self.models, IDLE_WAIT_S)
             return False
         self._run_batch(Batch.from_tickets(tickets))
-        self.batches_run += 1
         return True
 
     def _take_batch(self) -> list[JobTicket]:

@@ -1,12 +1,14 @@
 """POST /v1/images and POST /v1/videos: validate, normalise, enqueue, answer 202 with the job."""
 
 from fastapi import APIRouter, Depends, Request, Response, status
+from redis import Redis
 
 from app.deps import RedisDep, SettingsDep, require_json
 from app.schemas import ImageRequest, JobBody, VideoRequest
 from app.submission import choose_model, new_record, normalise
 from app.views import job_body
 from dit_serve.catalog import served_models
+from dit_serve.config import Settings
 from dit_serve.jobs import JobKind
 from dit_serve.queueing import enqueue_job
 
@@ -14,8 +16,13 @@ router = APIRouter(prefix="/v1", tags=["generation"])
 
 
 def _submit(
-    request: Request, body: ImageRequest | VideoRequest, kind: JobKind, redis, settings, response: Response
-) -> JobBody:  # type: ignore[no-untyped-def]
+    request: Request,
+    body: ImageRequest | VideoRequest,
+    kind: JobKind,
+    redis: Redis,
+    settings: Settings,
+    response: Response,
+) -> JobBody:
     spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
     normalised = normalise(body, kind, spec)
     job_id, record = new_record(normalised, kind)
