@@ -58,7 +58,51 @@ def _parser() -> argparse.ArgumentParser:
             metavar="NAME=PATH",
             help="serve a diffusers pipeline directory as NAME (repeatable; DIT_MODELS as a JSON list)",
         )
+    train = commands.add_parser(
+        "train", help="retrain a bundled model from its fixed-seed recipe (CPU: minutes)"
+    )
+    train.add_argument("model", choices=["image", "video"], help="image: VAE + image DiT; video: video DiT")
+    train.add_argument("--out-dir", default=None, help="where to write the model (default: models/bundled)")
+    evaluate = commands.add_parser(
+        "eval", help="score the bundled models' label accuracy through the real sampler"
+    )
+    evaluate.add_argument(
+        "--image-model", default=None, help="image model directory (default: the bundled one)"
+    )
+    evaluate.add_argument(
+        "--video-model", default=None, help="video model directory (default: the bundled one)"
+    )
+    evaluate.add_argument("--kind", choices=["image", "video", "both"], default="both")
+    evaluate.add_argument(
+        "--per-label", type=int, default=8, help="image samples per label (videos: a quarter)"
+    )
+    evaluate.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from models.training.recipes import BUNDLED_DIR, train_image_model, train_video_model
+
+    out_dir = Path(args.out_dir) if args.out_dir else BUNDLED_DIR
+    (train_image_model if args.model == "image" else train_video_model)(out_dir)
+
+
+def run_evaluation(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from evaluation.run import run_eval
+    from models.bundled import IMAGE_MODEL_DIR, VIDEO_MODEL_DIR
+
+    image_dir = Path(args.image_model) if args.image_model else IMAGE_MODEL_DIR
+    video_dir = Path(args.video_model) if args.video_model else VIDEO_MODEL_DIR
+    run_eval(
+        image_dir if args.kind in ("image", "both") else None,
+        video_dir if args.kind in ("video", "both") else None,
+        args.per_label,
+        Path(args.json) if args.json else None,
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -116,6 +160,10 @@ def run_up(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command in ("train", "eval"):
+        _setup_logging("info")
+        run_train(args) if args.command == "train" else run_evaluation(args)
+        return
     settings = _settings(args)
     _setup_logging(settings.log_level)
     if args.command == "api":

@@ -20,7 +20,6 @@ from torch import nn
 
 ACTIVATION_FN = "gelu-approximate"  # DiT's MLP activation
 OUT_NORM_EPS = 1e-6  # eps of the final LayerNorm, as DiT
-CLASS_DROPOUT_PROB = 0.1  # training-time label dropout for CFG (diffusers' default; adds the null-class row)
 
 
 class SpaceTimeDiTModel(ModelMixin, ConfigMixin):
@@ -67,8 +66,9 @@ class SpaceTimeDiTModel(ModelMixin, ConfigMixin):
                 norm_elementwise_affine=False,
                 norm_eps=norm_eps,
             )
-            # The table keeps its null-class row (built from dropout_prob > 0 above), but labels are dropped
-            # once per sample in forward(): blocks see per-frame/per-position copies of the labels.
+            # The table keeps its null-class row (diffusers adds it when dropout_prob > 0), but no block
+            # drops labels itself: blocks see per-frame/per-position copies of the labels, and a label
+            # dropped in some copies only would be nonsense. Training drops whole samples' labels instead.
             block.norm1.emb.class_embedder.dropout_prob = 0.0
             return block
 
@@ -124,9 +124,6 @@ class SpaceTimeDiTModel(ModelMixin, ConfigMixin):
         if timestep.ndim == 0:
             timestep = timestep.expand(n)  # (N,)
         class_labels = class_labels.to(device)  # (N,)
-        if self.training and CLASS_DROPOUT_PROB > 0:
-            drop = torch.rand(n, device=device) < CLASS_DROPOUT_PROB  # (N,) bool
-            class_labels = torch.where(drop, self.config.num_embeds_ada_norm, class_labels)  # (N,)
 
         x = hidden_states.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w)  # (N*F, C, H, W)
         x = self.pos_embed(x)  # (N*F, T, D), T = (H/p)*(W/p), 2D sincos added

@@ -1,9 +1,8 @@
-"""Tiny randomly initialised DiT pipelines, built from config and saved to disk.
+"""Tiny randomly initialised DiT pipelines, built from config and saved to disk, for the tests.
 
-`dit-serve up` serves these until the trained bundled models land (issue 3): the whole path is
-real (diffusers-format directories, latent diffusion through a VAE, adaLN-Zero DiTs, CFG), but the
-weights are random, so the images and videos are structured noise, not shapes.
-Tests build them too, so the real loading code runs on real files.
+They are real diffusers-format directories (latent diffusion through a VAE, adaLN-Zero DiTs, CFG),
+so the tests run the real loading and sampling code, but fast and with random weights; the service's
+default models are the trained ones in models/bundled.
 """
 
 import json

@@ -157,17 +157,11 @@ def test_default_config_has_null_class_row():
     assert model.out_channels == model.config.in_channels
 
 
-def test_training_label_dropout_is_per_sample():
+def test_no_label_dropout_inside_the_model_even_in_training_mode():
+    """Training code drops whole samples' labels; the blocks never drop a label on their own."""
     model = make_model().train()
-    x, t, y = make_inputs(batch=64)
+    x, t, y = make_inputs(batch=16)
     with torch.no_grad():
-        torch.manual_seed(2)
         out = model(x, t, y).sample
     model.eval()
-    null = torch.full_like(y, TINY["num_embeds_ada_norm"])
-    cond, uncond = run(model, x, t, y), run(model, x, t, null)
-    dropped = [torch.allclose(out[i], uncond[i], atol=1e-5) for i in range(len(y))]
-    kept = [torch.allclose(out[i], cond[i], atol=1e-5) for i in range(len(y))]
-    # Every sample ran wholly with its own label or wholly with the null class, and both happened.
-    assert all(d or k for d, k in zip(dropped, kept, strict=True))
-    assert 0 < sum(dropped) < len(y)
+    assert torch.allclose(out, run(model, x, t, y), atol=1e-5)
