@@ -61,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="retrain a bundled model from its fixed-seed recipe (CPU: minutes)"
     )
-    train.add_argument("model", choices=["image", "video"], help="image: VAE + image DiT; video: video DiT")
+    train.add_argument(
+        "model",
+        choices=["image", "video", "judge"],
+        help="image: VAE + image DiT; video: video DiT; judge: eval classifier",
+    )
     train.add_argument("--out-dir", default=None, help="where to write the model (default: models/bundled)")
     evaluate = commands.add_parser(
         "eval", help="score the bundled models' label accuracy through the real sampler"
@@ -85,6 +89,12 @@ def run_train(args: argparse.Namespace) -> None:
 
     from models.training.recipes import BUNDLED_DIR, train_image_model, train_video_model
 
+    if args.model == "judge":
+        from evaluation.classifier import WEIGHTS, train_classifier
+
+        accuracy = train_classifier(Path(args.out_dir) / WEIGHTS.name if args.out_dir else WEIGHTS)
+        print(f"judge classifier: {accuracy:.1%} on fresh clean renders")
+        return
     out_dir = Path(args.out_dir) if args.out_dir else BUNDLED_DIR
     (train_image_model if args.model == "image" else train_video_model)(out_dir)
 

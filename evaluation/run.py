@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from evaluation.judge import frechet_distance, judge_image, judge_video, pooled_features
+from evaluation.classifier import ShapeClassifier, classify, embed, load_classifier
+from evaluation.judge import frechet_distance, judge_clips
 from models.loading import LoadedModel, load_model
 from models.training import shapes
 from worker.sampling import decode_latents, initial_noise, sample
@@ -72,53 +73,53 @@ def generate(
     return np.concatenate(outputs)
 
 
-def evaluate_images(
-    model: LoadedModel, per_label: int, settings: list[tuple[float, int, str]] = SETTINGS
-) -> list[Row]:
+def evaluate_images(model: LoadedModel, classifier: ShapeClassifier, per_label: int) -> list[Row]:
+    """Label accuracy and Fréchet distance (classifier features) for every setting."""
     names = model.labels
     labels = [label for label in range(len(names)) for _ in range(per_label)]
     seeds = list(range(len(labels)))
-    real = shapes.image_batch(np.random.default_rng(REAL_SEED), len(labels))[0]
+    real = embed(shapes.image_batch(np.random.default_rng(REAL_SEED), len(labels))[0], classifier)
+    expected = np.array([shapes.image_labels().index(names[label]) for label in labels])
     rows = []
-    for guidance, steps, solver in settings:
+    for guidance, steps, solver in SETTINGS:
         start = time.monotonic()
         images = generate(model, labels, seeds, guidance, steps, solver)
-        correct = [
-            judge_image(image).label == names[label] for image, label in zip(images, labels, strict=True)
-        ]
-        rows.append(
-            Row("image", guidance, steps, solver, len(labels), float(np.mean(correct)),
-                frechet_distance=frechet_distance(pooled_features(images), pooled_features(real)),
-                seconds=round(time.monotonic() - start, 1))
-        )  # fmt: skip
+        accuracy = float((classify(images, classifier) == expected).mean())
+        distance = frechet_distance(embed(images, classifier), real)
+        seconds = round(time.monotonic() - start, 1)
+        rows.append(Row("image", guidance, steps, solver, len(labels), accuracy, distance, seconds=seconds))
     return rows
 
 
-def evaluate_videos(
-    model: LoadedModel, per_label: int, settings: list[tuple[float, int, str]] = SETTINGS
-) -> list[Row]:
+def evaluate_videos(model: LoadedModel, classifier: ShapeClassifier, per_label: int) -> list[Row]:
+    """Colour/shape accuracy, direction accuracy and frame consistency for every setting."""
     names = model.labels
     labels = [label for label in range(len(names)) for _ in range(per_label)]
     seeds = list(range(len(labels)))
+    stills = np.array([shapes.image_labels().index(" ".join(names[label].split()[:2])) for label in labels])
+    directions = [names[label].split()[-1] for label in labels]
     rows = []
-    for guidance, steps, solver in settings:
+    for guidance, steps, solver in SETTINGS:
         start = time.monotonic()
-        videos = generate(model, labels, seeds, guidance, steps, solver)
-        verdicts = [judge_video(frames) for frames in videos]
-        still = [
-            verdict.label == " ".join(names[label].split()[:2])
-            for (verdict, _, _), label in zip(verdicts, labels, strict=True)
-        ]
-        moving = [
-            direction == names[label].split()[-1]
-            for (_, direction, _), label in zip(verdicts, labels, strict=True)
-        ]
+        verdicts = judge_clips(generate(model, labels, seeds, guidance, steps, solver), classifier)
+        still_accuracy = float((np.array([verdict[0] for verdict in verdicts]) == stills).mean())
+        direction_accuracy = float(np.mean([v[1] == d for v, d in zip(verdicts, directions, strict=True)]))
+        consistency = float(np.mean([verdict[2] for verdict in verdicts]))
+        seconds = round(time.monotonic() - start, 1)
         rows.append(
-            Row("video", guidance, steps, solver, len(labels), float(np.mean(still)),
-                direction_accuracy=float(np.mean(moving)),
-                frame_consistency=float(np.mean([consistency for _, _, consistency in verdicts])),
-                seconds=round(time.monotonic() - start, 1))
-        )  # fmt: skip
+            Row(
+                "video",
+                guidance,
+                steps,
+                solver,
+                len(labels),
+                still_accuracy,
+                None,
+                direction_accuracy,
+                consistency,
+                seconds,
+            )
+        )
     return rows
 
 
@@ -143,11 +144,12 @@ def run_eval(
     image_dir: Path | None, video_dir: Path | None, per_label: int, json_out: Path | None
 ) -> list[Row]:
     """Evaluate the given model directories and print the table."""
+    classifier = load_classifier()
     rows: list[Row] = []
     if image_dir:
-        rows += evaluate_images(load_model("image", image_dir, CPU), per_label)
+        rows += evaluate_images(load_model("image", image_dir, CPU), classifier, per_label)
     if video_dir:
-        rows += evaluate_videos(load_model("video", video_dir, CPU), max(1, per_label // 4))
+        rows += evaluate_videos(load_model("video", video_dir, CPU), classifier, max(1, per_label // 4))
     print(format_table(rows))
     if json_out:
         json_out.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")

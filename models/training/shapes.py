@@ -74,11 +74,13 @@ def render(spec: ShapeSpec) -> np.ndarray:
     return np.round(alpha * colour + (1 - alpha) * background).astype(np.uint8)
 
 
-def random_image(rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def random_image(
+    rng: np.random.Generator, half_size: tuple[float, float] = IMAGE_HALF_SIZE
+) -> tuple[np.ndarray, int]:
     """A random still: (H, W, 3) uint8 and its class id in image_labels()."""
     label = int(rng.integers(len(COLOURS) * len(SHAPES)))
     colour, shape = list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
-    half = rng.uniform(*IMAGE_HALF_SIZE)
+    half = rng.uniform(*half_size)
     lo, hi = half + EDGE_MARGIN, IMAGE_SIZE - half - EDGE_MARGIN
     return render(ShapeSpec(shape, colour, rng.uniform(lo, hi), rng.uniform(lo, hi), half)), label
 
@@ -103,9 +105,11 @@ def random_video(rng: np.random.Generator, num_frames: int = NUM_FRAMES) -> tupl
     return np.stack(frames), label
 
 
-def image_batch(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def image_batch(
+    rng: np.random.Generator, size: int, half_size: tuple[float, float] = IMAGE_HALF_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W, 3) uint8 and (N,) class ids."""
-    pairs = [random_image(rng) for _ in range(size)]
+    pairs = [random_image(rng, half_size) for _ in range(size)]
     return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
 
