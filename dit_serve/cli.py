@@ -107,6 +107,9 @@ def run_evaluation(args: argparse.Namespace) -> None:
 
     image_dir = Path(args.image_model) if args.image_model else IMAGE_MODEL_DIR
     video_dir = Path(args.video_model) if args.video_model else VIDEO_MODEL_DIR
+    if args.kind in ("video", "both") and not (video_dir / "model_index.json").is_file():
+        print(f"no video model at {video_dir} (`dit-serve train video` makes one); evaluating images only")
+        args.kind = "image"
     run_eval(
         image_dir if args.kind in ("image", "both") else None,
         video_dir if args.kind in ("video", "both") else None,

@@ -25,6 +25,7 @@ COPY app ./app
 COPY worker ./worker
 COPY models ./models
 COPY dit_serve ./dit_serve
+COPY evaluation ./evaluation
 RUN pip install --no-cache-dir --no-deps .
 
 # ---- runtime ----

@@ -34,6 +34,7 @@ COPY app ./app
 COPY worker ./worker
 COPY models ./models
 COPY dit_serve ./dit_serve
+COPY evaluation ./evaluation
 RUN pip install --no-cache-dir --no-deps .
 
 # Non-root, the same uid/gid as the API image so both can write the shared outputs volume.

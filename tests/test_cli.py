@@ -8,11 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from dit_serve.embedded_redis import free_port
+from evaluation.classifier import classify, load_classifier
+from models.training.shapes import image_labels
 from tests.conftest import wait_for_status
 
 pytestmark = pytest.mark.slow
@@ -60,17 +64,20 @@ def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path
             time.sleep(0.2)
         with httpx.Client(base_url=base, timeout=30) as client:
             names = {model["name"] for model in client.get("/v1/models").json()["data"]}
-            assert names == {"dit-image-tiny", "dit-video-tiny"}
-            image = client.post("/v1/images", json={"prompt": "red circle", "num_inference_steps": 5}).json()
-            video = client.post(
-                "/v1/videos", json={"prompt": "red circle moving left", "num_inference_steps": 5}
-            ).json()
+            assert names == {"dit-shapes-image", "dit-video-tiny"}
+            image = client.post("/v1/images", json={"prompt": "red circle", "seed": 0}).json()
+            video = client.post("/v1/videos", json={"prompt": "green square moving up", "seed": 0}).json()
             image = wait_for_status(client, image["id"], {"completed", "failed"})
             video = wait_for_status(client, video["id"], {"completed", "failed"})
             assert (image["status"], video["status"]) == ("completed", "completed")
             png = client.get(image["outputs"][0]["url"]).content
-        assert Image.open(io.BytesIO(png)).size == (32, 32)
-        assert (tmp_path / "data" / "models" / "dit-image-tiny" / "model_index.json").is_file()
+            mp4 = client.get(video["outputs"][0]["url"]).content
+        # The bundled, trained image model by default: "red circle" gives a red circle.
+        image_pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[None]
+        assert image_labels()[classify(image_pixels, load_classifier())[0]] == "red circle"
+        with av.open(io.BytesIO(mp4)) as container:
+            assert len(list(container.decode(video=0))) == 16
+        assert (tmp_path / "data" / "models" / "dit-video-tiny" / "model_index.json").is_file()
         assert list((tmp_path / "data" / "outputs" / "jobs").iterdir())
         assert (tmp_path / "data" / "redis").is_dir()  # the embedded Redis keeps its append-only file here
         children = _children(up.pid)

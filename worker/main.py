@@ -13,14 +13,14 @@ from redis import Redis
 
 from dit_serve.config import Device, Settings
 from dit_serve.storage import storage_from_settings
+from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME
 from models.loading import LoadedModel, ModelLoadError, load_model
-from models.tiny import build_tiny_image_model, build_tiny_video_model
+from models.tiny import build_tiny_video_model
 from worker.runner import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
-# Served when no --model is given: tiny random-weight pipelines built on first start (see models/tiny.py).
-DEFAULT_MODELS = {"dit-image-tiny": build_tiny_image_model, "dit-video-tiny": build_tiny_video_model}
+PLACEHOLDER_VIDEO_MODEL = "dit-video-tiny"
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -47,23 +47,31 @@ def parse_model_sources(entries: list[str]) -> dict[str, Path]:
 
 
 def default_model_sources(data_dir: Path) -> dict[str, Path]:
-    """The default models' directories, built (random weights, fixed seed) the first time."""
-    sources = {}
-    for name, build in DEFAULT_MODELS.items():
-        path = data_dir / "models" / name
-        if not (path / "model_index.json").is_file():
-            log.info("building the default model %s in %s (random weights)", name, path)
-            # Built aside and renamed into place, so workers sharing a data dir never load half a model.
-            staging = path.with_name(f".{name}.{uuid.uuid4().hex}")
-            build(staging)
-            try:
-                staging.rename(path)
-            except OSError:  # another worker got there first (or a broken leftover is in the way)
-                shutil.rmtree(staging, ignore_errors=True)
-                if not (path / "model_index.json").is_file():
-                    raise
-        sources[name] = path
-    return sources
+    """What `dit-serve up` serves when no --model is given.
+
+    The image model is the bundled, trained one (models/bundled). The trained video model has not met
+    its goals yet (issue 3), so until it ships the default video model is a tiny random-weight
+    space-time DiT, built (fixed seed) into data_dir/models at first start.
+    """
+    if not (IMAGE_MODEL_DIR / "model_index.json").is_file():
+        raise SystemExit(
+            f"bundled model missing at {IMAGE_MODEL_DIR}: run `dit-serve train image`, or pass --model"
+        )
+    video = data_dir / "models" / PLACEHOLDER_VIDEO_MODEL
+    if not (video / "model_index.json").is_file():
+        log.info(
+            "building the placeholder video model %s in %s (random weights)", PLACEHOLDER_VIDEO_MODEL, video
+        )
+        # Built aside and renamed into place, so workers sharing a data dir never load half a model.
+        staging = video.with_name(f".{PLACEHOLDER_VIDEO_MODEL}.{uuid.uuid4().hex}")
+        build_tiny_video_model(staging)
+        try:
+            staging.rename(video)
+        except OSError:  # another worker got there first
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (video / "model_index.json").is_file():
+                raise
+    return {IMAGE_MODEL_NAME: IMAGE_MODEL_DIR, PLACEHOLDER_VIDEO_MODEL: video}
 
 
 def load_models(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:

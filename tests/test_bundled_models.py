@@ -1,0 +1,68 @@
+"""The shipped image model: it loads through our loader and diffusers, and labels are recognisable."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTPipeline
+
+from evaluation.classifier import ShapeClassifier, classify, load_classifier
+from evaluation.run import generate
+from models.bundled import BUNDLED_DIR, IMAGE_MODEL_DIR
+from models.loading import LoadedModel, load_model
+
+MAX_BUNDLE_BYTES = 30 * 1000 * 1000
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def image_model() -> LoadedModel:
+    return load_model("dit-shapes-image", IMAGE_MODEL_DIR, CPU)
+
+
+@pytest.fixture(scope="module")
+def judge() -> ShapeClassifier:
+    return load_classifier()
+
+
+def test_bundle_is_small_and_in_safetensors() -> None:
+    files = [path for path in BUNDLED_DIR.rglob("*") if path.is_file() and path.suffix != ".py"]
+    assert sum(path.stat().st_size for path in files) <= MAX_BUNDLE_BYTES
+    weight_suffixes = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
+    weights = [path for path in files if path.suffix in weight_suffixes]
+    assert weights and all(path.suffix == ".safetensors" for path in weights)
+
+
+def test_image_model_loads_in_diffusers_own_pipeline(image_model: LoadedModel) -> None:
+    pipe = DiTPipeline.from_pretrained(IMAGE_MODEL_DIR)
+    assert pipe.get_label_ids(["red circle"]) == [image_model.labels.index("red circle")]
+    assert image_model.null_class_id == 1000 and image_model.kind == "image"
+
+
+def test_red_circle_is_a_red_circle(image_model: LoadedModel, judge: ShapeClassifier) -> None:
+    label = image_model.labels.index("red circle")
+    images = generate(image_model, [label] * 4, [0, 1, 2, 3], 4.0, 25, "ddim")
+    verdicts = [image_model.labels[c] for c in classify(images, judge)]
+    assert verdicts.count("red circle") >= 3, verdicts
+
+
+def test_cfg_helps(image_model: LoadedModel, judge: ShapeClassifier) -> None:
+    labels = [
+        image_model.labels.index(name) for name in ("yellow square", "blue diamond", "cyan triangle")
+    ] * 4
+    seeds = list(range(len(labels)))
+    guided = (classify(generate(image_model, labels, seeds, 4.0, 25, "ddim"), judge) == labels).mean()
+    unguided = (classify(generate(image_model, labels, seeds, 1.0, 25, "ddim"), judge) == labels).mean()
+    assert guided >= 0.75 and guided > unguided
+
+
+def test_labels_change_the_picture(image_model: LoadedModel) -> None:
+    ids = [image_model.labels.index(name) for name in ("yellow square", "cyan diamond")]
+    a, b = generate(image_model, ids, [5, 5], 4.0, 10, "ddim")
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 5
+
+
+def test_training_record_is_shipped() -> None:
+    record = json.loads((IMAGE_MODEL_DIR / "training.json").read_text())
+    assert record["transformer"]["steps"] > 0 and record["total_minutes"] < 60
