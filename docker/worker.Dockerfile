@@ -45,7 +45,7 @@ RUN groupadd --system --gid 10001 dit \
 USER dit
 WORKDIR /home/dit
 
-# DIT_DATA_DIR: with no DIT_MODELS the worker builds its tiny default models under /data/models at first
+# DIT_DATA_DIR: with no DIT_MODELS the worker builds the placeholder video model under /data/models at first
 # start. A volume per container (compose gives each replica its own anonymous one), so that replicas
 # never build into the same directory at once. Real checkpoints: mount them read-only elsewhere (e.g.
 # /models) and set DIT_MODELS='["my-dit=/models/DiT-XL-2-256"]'. Outputs (local storage) go to
