@@ -12,11 +12,9 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
+from models.shapes_vae import IMAGE_SIZE, LATENT_CHANNELS, build_shapes_vae
 from models.space_time_dit import SpaceTimeDiTModel
 
-IMAGE_SIZE = 32  # pixels; the VAE maps 32x32x3 to 8x8x4
-LATENT_CHANNELS = 4
-VAE_BLOCKS = (32, 64, 64)  # three blocks: two 2x downsamplings
 NULL_CLASS_ID = 1000  # DiTPipeline hard-codes 1000 as the CFG null class, so keep 1000 embeddings
 VIDEO_FRAMES = 16
 HEAD_DIM = 16
@@ -41,16 +39,7 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def _vae(generator: torch.Generator) -> AutoencoderKL:
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
-        block_out_channels=VAE_BLOCKS,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=32,
-        sample_size=IMAGE_SIZE,
-    )
+    vae = build_shapes_vae()
     _randomise(vae, generator)
     return vae
 

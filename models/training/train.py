@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
+from models.shapes_vae import LATENT_CHANNELS, build_shapes_vae
 from models.space_time_dit import SpaceTimeDiTModel
 from models.training import shapes
 
-LATENT_CHANNELS = 4
-VAE_BLOCKS = (32, 64, 64)
 NULL_CLASS_ID = 1000  # DiTPipeline hard-codes 1000 as the CFG null class
 LABEL_DROPOUT = 0.1  # as in DiT: trains the unconditional prediction used by CFG
 KL_WEIGHT = 1e-6
@@ -102,22 +101,9 @@ def _loop(
     }
 
 
-def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
-        block_out_channels=VAE_BLOCKS,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=32,
-        sample_size=shapes.IMAGE_SIZE,
-    )
-
-
 def train_vae(recipe: Recipe) -> tuple[AutoencoderKL, dict]:
     """Reconstruction (MSE) + a tiny KL term; then set scaling_factor so latents have unit variance."""
-    vae = build_vae()
+    vae = build_shapes_vae()
 
     def loss_fn(rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
         x = _to_tensor(shapes.image_batch(rng, recipe.batch_size)[0])  # (N, 3, H, W)
