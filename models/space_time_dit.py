@@ -131,13 +131,15 @@ class SpaceTimeDiTModel(ModelMixin, ConfigMixin):
         t_spatial, y_spatial = timestep.repeat_interleave(f), class_labels.repeat_interleave(f)  # (N*F,)
         t_temporal, y_temporal = timestep.repeat_interleave(t), class_labels.repeat_interleave(t)  # (N*T,)
 
+        frame_pos = self.temp_pos_embed[:, :f].to(x.dtype)  # (1, F, D)
         block_pairs = zip(self.transformer_blocks, self.temporal_transformer_blocks, strict=True)
-        for i, (spatial, temporal) in enumerate(block_pairs):
+        for spatial, temporal in block_pairs:
             x = spatial(x, timestep=t_spatial, class_labels=y_spatial)  # (N*F, T, D)
             x = x.reshape(n, f, t, d).transpose(1, 2).reshape(n * t, f, d)  # (N*T, F, D)
-            if i == 0:
-                x = x + self.temp_pos_embed[:, :f].to(x.dtype)  # (N*T, F, D)
-            x = temporal(x, timestep=t_temporal, class_labels=y_temporal)  # (N*T, F, D)
+            # The frame position is an input of every temporal block but is not left in the residual
+            # stream, so spatial blocks see what an image DiT sees (and an image DiT can initialise them).
+            x = temporal(x + frame_pos, timestep=t_temporal, class_labels=y_temporal)  # (N*T, F, D)
+            x = x - frame_pos  # (N*T, F, D)
             x = x.reshape(n, t, f, d).transpose(1, 2).reshape(n * f, t, d)  # (N*F, T, D)
 
         emb = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)  # (N, D)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from torch import nn
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from models.shapes_vae import LATENT_CHANNELS, build_shapes_vae
@@ -42,6 +44,8 @@ class Recipe:
     learning_rate: float
     seed: int = 0
     warmup_steps: int = 200
+    ema_decay: float | None = None  # keep an exponential moving average of the weights and ship it, as DiT
+    noise_weight_cap: float | None = None  # see _eps_loss
 
 
 def _scheduler_kwargs() -> dict:
@@ -75,12 +79,18 @@ def _loop(
     loss_fn: Callable[[np.random.Generator, torch.Generator], torch.Tensor],
     name: str,
 ) -> dict:
-    """The shared training loop: AdamW, warm-up + cosine, gradient clipping, a progress bar with the loss."""
+    """The shared training loop: AdamW, warm-up + cosine, gradient clipping, a progress bar with the loss.
+
+    With recipe.ema_decay, the model ends with the moving average of its weights (DiT samples from an
+    EMA of decay 0.9999 too): smoother predictions from one timestep to the next.
+    """
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_lambda(recipe))
+    params = [param for param in model.parameters() if param.requires_grad]
+    ema = None if recipe.ema_decay is None else [param.detach().clone() for param in params]
     model.train()
     start, smoothed = time.monotonic(), None
     bar = tqdm(range(recipe.steps), desc=name, mininterval=2.0)
@@ -91,8 +101,16 @@ def _loop(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         lr_schedule.step()
+        if ema is not None:
+            with torch.no_grad():
+                for average, param in zip(ema, params, strict=True):
+                    average.lerp_(param, 1.0 - recipe.ema_decay)
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
+    if ema is not None:
+        with torch.no_grad():
+            for average, param in zip(ema, params, strict=True):
+                param.copy_(average)
     model.eval()
     return {
         "steps": recipe.steps,
@@ -142,8 +160,14 @@ def _eps_loss(
     z: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator,
+    noise_weight_cap: float | None = None,
 ) -> torch.Tensor:
-    """DiT's simple loss: MSE between the added noise and the predicted noise."""
+    """DiT's simple loss: MSE between the added noise and the predicted noise.
+
+    noise_weight_cap: weight each sample by 1/SNR(t) clamped to [1, cap]. Plain eps-MSE barely rewards
+    getting x0 right at high noise (an x0 error costs SNR times less there), which is where a clip's
+    layout and motion are decided; this weighting makes the label's effect there worth learning.
+    """
     n = z.shape[0]
     t = torch.randint(0, TRAIN_TIMESTEPS, (n,), generator=generator)  # (N,)
     eps = torch.randn(z.shape, generator=generator)
@@ -151,7 +175,12 @@ def _eps_loss(
     y = torch.where(drop, torch.full_like(labels, NULL_CLASS_ID), labels)  # (N,)
     x_t = noise_scheduler.add_noise(z, eps, t)
     prediction = model(x_t, timestep=t, class_labels=y).sample[:, : z.shape[1]]
-    return F.mse_loss(prediction, eps)
+    if noise_weight_cap is None:
+        return F.mse_loss(prediction, eps)
+    alpha_bar = noise_scheduler.alphas_cumprod[t]  # (N,)
+    weight = ((1 - alpha_bar) / alpha_bar).clamp(1.0, noise_weight_cap)  # 1/SNR(t), (N,)
+    per_sample = (prediction - eps).pow(2).flatten(1).mean(1)  # (N,)
+    return (weight * per_sample).mean()
 
 
 def train_image_dit(
@@ -178,20 +207,68 @@ def train_image_dit(
     return model, _loop(model, recipe, loss_fn, "image dit")
 
 
+class _SharedDirectionOffsets(nn.Module):
+    """Training-time form of a video class table: each label's own row plus an offset shared by its direction.
+
+    With 96 labels, a label's own row sees one batch in eight; the 4 direction offsets learn from every
+    sample, so motion is learnt once for all stills. Baked into the plain table after training.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.offsets = nn.Parameter(torch.zeros(len(shapes.DIRECTIONS), dim))  # (4, D)
+        num_labels = len(shapes.video_labels())
+        self.register_buffer(
+            "directions", torch.arange(num_labels) % len(shapes.DIRECTIONS), persistent=False
+        )
+
+    def forward(
+        self, table: torch.Tensor
+    ) -> torch.Tensor:  # (R, D) -> (R, D); rows past the labels unchanged
+        num_labels = len(self.directions)
+        return torch.cat([table[:num_labels] + self.offsets[self.directions], table[num_labels:]])
+
+
+def init_from_image_dit(model: SpaceTimeDiTModel, image_dit: DiTTransformer2DModel) -> None:
+    """Start the video DiT as the image DiT on every frame, as Latte starts from a text-to-image model.
+
+    The spatial blocks, patch embedding and output layers take the image DiT's weights; each video label
+    ("red circle moving left") starts from its still's label row ("red circle"); the temporal blocks keep
+    their adaLN-Zero initialisation, so they start as the identity and training only has to add motion.
+    """
+    state = image_dit.state_dict()
+    directions = len(shapes.DIRECTIONS)
+    for key, value in list(state.items()):
+        if key.endswith("class_embedder.embedding_table.weight"):  # (1001, D): stills, then the null row
+            table = value.clone()
+            video_ids = torch.arange(len(shapes.video_labels()))  # video id = still id * 4 + direction
+            table[video_ids] = value[video_ids // directions]
+            state[key] = table
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not key.startswith("temporal_transformer_blocks.") for key in missing):
+        raise ValueError(f"image DiT does not fit the video DiT: missing {missing}, unexpected {unexpected}")
+
+
 def train_video_dit(
-    vae: AutoencoderKL, recipe: Recipe, num_layers: int = 4, hidden_heads: int = 4
+    vae: AutoencoderKL, recipe: Recipe, image_dit: DiTTransformer2DModel
 ) -> tuple[SpaceTimeDiTModel, dict]:
+    """The space-time DiT, initialised from the image DiT (same width, depth and patch size)."""
+    image_config = image_dit.config
     model = SpaceTimeDiTModel(
-        sample_size=shapes.IMAGE_SIZE // 4,
+        sample_size=image_config.sample_size,
         num_frames=shapes.NUM_FRAMES,
-        patch_size=2,
+        patch_size=image_config.patch_size,
         in_channels=LATENT_CHANNELS,
-        num_layers=num_layers,
-        num_attention_heads=hidden_heads,
-        attention_head_dim=32,
+        num_layers=image_config.num_layers,
+        num_attention_heads=image_config.num_attention_heads,
+        attention_head_dim=image_config.attention_head_dim,
         num_embeds_ada_norm=NULL_CLASS_ID,
     )
+    init_from_image_dit(model, image_dit)
     _disable_block_label_dropout(model)
+    tables = [module.embedding_table for module in model.modules() if hasattr(module, "embedding_table")]
+    for table in tables:
+        parametrize.register_parametrization(table, "weight", _SharedDirectionOffsets(table.embedding_dim))
     noise_scheduler = DDPMScheduler(**_scheduler_kwargs())
 
     def loss_fn(rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
@@ -199,17 +276,31 @@ def train_video_dit(
         n, f = pixels.shape[:2]
         z = _encode(vae, _to_tensor(pixels.reshape(n * f, *pixels.shape[2:])), generator)  # (N*F, 4, 8, 8)
         z = z.reshape(n, f, *z.shape[1:]).transpose(1, 2)  # (N, 4, F, 8, 8)
-        return _eps_loss(model, noise_scheduler, z, torch.from_numpy(labels), generator)
+        labels_t = torch.from_numpy(labels)  # (N,)
+        return _eps_loss(model, noise_scheduler, z, labels_t, generator, recipe.noise_weight_cap)
 
-    return model, _loop(model, recipe, loss_fn, "video dit")
+    stats = _loop(model, recipe, loss_fn, "video dit")
+    for table in tables:  # bake the shared offsets into plain tables: the saved model is a plain SpaceTimeDiT
+        parametrize.remove_parametrizations(table, "weight", leave_parametrized=True)
+    return model, stats
 
 
 def save_pipeline(
-    path: Path, transformer: torch.nn.Module, vae: AutoencoderKL, labels: list[str], video: bool, record: dict
+    path: Path,
+    transformer: torch.nn.Module,
+    vae: AutoencoderKL,
+    labels: list[str],
+    video: bool,
+    record: dict,
+    transformer_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write a diffusers-format pipeline directory (DiTPipeline layout for the image model)."""
+    """Write a diffusers-format pipeline directory (DiTPipeline layout for the image model).
+
+    transformer_dtype: the dtype its weights are stored in (the loader casts to the serving dtype).
+    """
     path.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(path / "transformer")
+    transformer.to(transformer_dtype).save_pretrained(path / "transformer")
+    transformer.to(torch.float32)
     vae.save_pretrained(path / "vae")
     DDIMScheduler(**_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False).save_pretrained(
         path / "scheduler"
