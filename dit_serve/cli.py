@@ -24,7 +24,7 @@ COMMON_FLAGS = [
     (
         "--data-dir",
         "data_dir",
-        "models built at first start and embedded Redis data (DIT_DATA_DIR, default ./data)",
+        "where `up` keeps the embedded Redis' data (DIT_DATA_DIR, default ./data)",
     ),
     ("--storage", "storage", "output storage: local or s3 (DIT_STORAGE)"),
     ("--device", "device", "auto, cpu or cuda (DIT_DEVICE, default auto)"),

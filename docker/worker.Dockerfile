@@ -45,11 +45,10 @@ RUN groupadd --system --gid 10001 dit \
 USER dit
 WORKDIR /home/dit
 
-# DIT_DATA_DIR: with no DIT_MODELS the worker builds the placeholder video model under /data/models at first
-# start. A volume per container (compose gives each replica its own anonymous one), so that replicas
-# never build into the same directory at once. Real checkpoints: mount them read-only elsewhere (e.g.
-# /models) and set DIT_MODELS='["my-dit=/models/DiT-XL-2-256"]'. Outputs (local storage) go to
-# /data/outputs, which compose mounts as a named volume shared with the API.
+# With no DIT_MODELS the worker serves the bundled models, which ship inside the package. Real
+# checkpoints: mount them read-only elsewhere (e.g. /models) and set
+# DIT_MODELS='["my-dit=/models/DiT-XL-2-256"]'. Outputs (local storage) go to /data/outputs, which
+# compose mounts as a named volume shared with the API.
 VOLUME ["/data"]
 
 # Healthy when this container's worker is registered in Redis (`dit:workers`, a sorted set of worker

@@ -1,6 +1,7 @@
-"""The shipped image model: it loads through our loader and diffusers, and labels are recognisable."""
+"""The shipped models load (the image one through diffusers too) and their labels are recognisable."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,9 +9,11 @@ import torch
 from diffusers import DiTPipeline
 
 from evaluation.classifier import ShapeClassifier, classify, load_classifier
+from evaluation.judge import judge_clips
 from evaluation.run import generate
-from models.bundled import BUNDLED_DIR, IMAGE_MODEL_DIR
+from models.bundled import BUNDLED_DIR, IMAGE_MODEL_DIR, VIDEO_MODEL_DIR
 from models.loading import LoadedModel, load_model
+from models.training.shapes import image_labels
 
 MAX_BUNDLE_BYTES = 30 * 1000 * 1000
 CPU = torch.device("cpu")
@@ -63,6 +66,26 @@ def test_labels_change_the_picture(image_model: LoadedModel) -> None:
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 5
 
 
-def test_training_record_is_shipped() -> None:
-    record = json.loads((IMAGE_MODEL_DIR / "training.json").read_text())
+@pytest.mark.parametrize("model_dir", [IMAGE_MODEL_DIR, VIDEO_MODEL_DIR], ids=["image", "video"])
+def test_training_record_is_shipped(model_dir: Path) -> None:
+    record = json.loads((model_dir / "training.json").read_text())
     assert record["transformer"]["steps"] > 0 and record["total_minutes"] < 60
+
+
+@pytest.fixture(scope="module")
+def video_model() -> LoadedModel:
+    return load_model("dit-shapes-video", VIDEO_MODEL_DIR, CPU)
+
+
+def test_video_model_is_stored_in_fp16_and_served_in_fp32(video_model: LoadedModel) -> None:
+    assert (video_model.kind, video_model.max_frames, len(video_model.labels)) == ("video", 16, 96)
+    assert all(param.dtype == torch.float32 for param in video_model.transformer.parameters())
+
+
+def test_videos_show_the_prompted_shape(video_model: LoadedModel, judge: ShapeClassifier) -> None:
+    # Colour and shape follow the prompt; the direction does not yet (issue 3), so it is not asserted.
+    names = ["magenta triangle moving left", "cyan square moving up"]
+    clips = generate(video_model, [video_model.labels.index(name) for name in names], [0, 1], 4.0, 25, "ddim")
+    verdicts = [(image_labels()[still], consistency) for still, _, consistency in judge_clips(clips, judge)]
+    assert [still for still, _ in verdicts] == ["magenta triangle", "cyan square"], verdicts
+    assert all(consistency >= 0.75 for _, consistency in verdicts), verdicts

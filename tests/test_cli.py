@@ -16,6 +16,7 @@ from PIL import Image
 
 from dit_serve.embedded_redis import free_port
 from evaluation.classifier import classify, load_classifier
+from evaluation.judge import judge_clips
 from models.training.shapes import image_labels
 from tests.conftest import wait_for_status
 
@@ -64,7 +65,7 @@ def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path
             time.sleep(0.2)
         with httpx.Client(base_url=base, timeout=30) as client:
             names = {model["name"] for model in client.get("/v1/models").json()["data"]}
-            assert names == {"dit-shapes-image", "dit-video-tiny"}
+            assert names == {"dit-shapes-image", "dit-shapes-video"}
             image = client.post("/v1/images", json={"prompt": "red circle", "seed": 0}).json()
             video = client.post("/v1/videos", json={"prompt": "green square moving up", "seed": 0}).json()
             image = wait_for_status(client, image["id"], {"completed", "failed"})
@@ -72,12 +73,16 @@ def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path
             assert (image["status"], video["status"]) == ("completed", "completed")
             png = client.get(image["outputs"][0]["url"]).content
             mp4 = client.get(video["outputs"][0]["url"]).content
-        # The bundled, trained image model by default: "red circle" gives a red circle.
+        # The bundled, trained models by default: "red circle" gives a red circle, and
+        # "green square moving up" a green square (its direction does not follow the prompt yet).
+        classifier = load_classifier()
         image_pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[None]
-        assert image_labels()[classify(image_pixels, load_classifier())[0]] == "red circle"
+        assert image_labels()[classify(image_pixels, classifier)[0]] == "red circle"
         with av.open(io.BytesIO(mp4)) as container:
-            assert len(list(container.decode(video=0))) == 16
-        assert (tmp_path / "data" / "models" / "dit-video-tiny" / "model_index.json").is_file()
+            frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+        assert frames.shape == (16, 32, 32, 3)
+        still, _, consistency = judge_clips(frames[None], classifier)[0]
+        assert image_labels()[still] == "green square" and consistency >= 0.75
         assert list((tmp_path / "data" / "outputs" / "jobs").iterdir())
         assert (tmp_path / "data" / "redis").is_dir()  # the embedded Redis keeps its append-only file here
         children = _children(up.pid)

@@ -2,7 +2,6 @@
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import uuid
@@ -13,14 +12,11 @@ from redis import Redis
 
 from dit_serve.config import Device, Settings
 from dit_serve.storage import storage_from_settings
-from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME
+from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 from models.loading import LoadedModel, ModelLoadError, load_model
-from models.tiny import build_tiny_video_model
 from worker.runner import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
-
-PLACEHOLDER_VIDEO_MODEL = "dit-video-tiny"
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -46,36 +42,20 @@ def parse_model_sources(entries: list[str]) -> dict[str, Path]:
     return sources
 
 
-def default_model_sources(data_dir: Path) -> dict[str, Path]:
-    """What `dit-serve up` serves when no --model is given.
-
-    The image model is the bundled, trained one (models/bundled). The trained video model has not met
-    its goals yet (issue 3), so until it ships the default video model is a tiny random-weight
-    space-time DiT, built (fixed seed) into data_dir/models at first start.
-    """
-    if not (IMAGE_MODEL_DIR / "model_index.json").is_file():
-        raise SystemExit(
-            f"bundled model missing at {IMAGE_MODEL_DIR}: run `dit-serve train image`, or pass --model"
-        )
-    video = data_dir / "models" / PLACEHOLDER_VIDEO_MODEL
-    if not (video / "model_index.json").is_file():
-        log.info(
-            "building the placeholder video model %s in %s (random weights)", PLACEHOLDER_VIDEO_MODEL, video
-        )
-        # Built aside and renamed into place, so workers sharing a data dir never load half a model.
-        staging = video.with_name(f".{PLACEHOLDER_VIDEO_MODEL}.{uuid.uuid4().hex}")
-        build_tiny_video_model(staging)
-        try:
-            staging.rename(video)
-        except OSError:  # another worker got there first
-            shutil.rmtree(staging, ignore_errors=True)
-            if not (video / "model_index.json").is_file():
-                raise
-    return {IMAGE_MODEL_NAME: IMAGE_MODEL_DIR, PLACEHOLDER_VIDEO_MODEL: video}
+def default_model_sources() -> dict[str, Path]:
+    """What `dit-serve up` serves when no --model is given: the bundled, trained models (models/bundled)."""
+    bundled = {IMAGE_MODEL_NAME: IMAGE_MODEL_DIR, VIDEO_MODEL_NAME: VIDEO_MODEL_DIR}
+    for name, path in bundled.items():
+        if not (path / "model_index.json").is_file():
+            kind = "image" if name == IMAGE_MODEL_NAME else "video"
+            raise SystemExit(
+                f"bundled model missing at {path}: run `dit-serve train {kind}`, or pass --model"
+            )
+    return bundled
 
 
 def load_models(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
-    sources = parse_model_sources(settings.models) or default_model_sources(settings.data_dir)
+    sources = parse_model_sources(settings.models) or default_model_sources()
     try:
         return {name: load_model(name, path, device) for name, path in sources.items()}
     except ModelLoadError as exc:

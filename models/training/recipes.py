@@ -16,7 +16,8 @@ from models.training.train import Recipe, save_pipeline, train_image_dit, train_
 # Measured on 2 CPU cores: about 0.5 s a VAE step, 0.25 s an image-DiT step, 0.5 s a video-DiT step.
 VAE_RECIPE = Recipe(steps=500, batch_size=64, learning_rate=1e-3, seed=0, warmup_steps=50)
 IMAGE_RECIPE = Recipe(steps=4000, batch_size=64, learning_rate=3e-4, seed=1)
-# About 1.7 s a step. The 1/SNR loss weight (capped at 50) makes the label, not the noise, decide the direction.
+# About 1.7 s a step. The 1/SNR loss weight (cap 50) was meant to make the label decide the direction;
+# it did not (README, issue 3).
 VIDEO_RECIPE = Recipe(steps=1900, batch_size=12, learning_rate=3e-4, seed=2, noise_weight_cap=50.0)
 VIDEO_WEIGHTS_DTYPE = (
     torch.float16
