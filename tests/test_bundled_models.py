@@ -82,10 +82,17 @@ def test_video_model_is_stored_in_fp16_and_served_in_fp32(video_model: LoadedMod
     assert all(param.dtype == torch.float32 for param in video_model.transformer.parameters())
 
 
-def test_videos_show_the_prompted_shape(video_model: LoadedModel, judge: ShapeClassifier) -> None:
-    # Colour and shape follow the prompt; the direction does not yet (issue 3), so it is not asserted.
+def test_videos_show_the_prompted_shape_moving_the_prompted_way(
+    video_model: LoadedModel, judge: ShapeClassifier
+) -> None:
     names = ["magenta triangle moving left", "cyan square moving up"]
     clips = generate(video_model, [video_model.labels.index(name) for name in names], [0, 1], 4.0, 25, "ddim")
-    verdicts = [(image_labels()[still], consistency) for still, _, consistency in judge_clips(clips, judge)]
-    assert [still for still, _ in verdicts] == ["magenta triangle", "cyan square"], verdicts
-    assert all(consistency >= 0.75 for _, consistency in verdicts), verdicts
+    verdicts = [
+        (image_labels()[still], direction, consistency)
+        for still, direction, consistency in judge_clips(clips, judge)
+    ]
+    assert [(still, direction) for still, direction, _ in verdicts] == [
+        ("magenta triangle", "left"),
+        ("cyan square", "up"),
+    ], verdicts
+    assert all(consistency >= 0.75 for _, _, consistency in verdicts), verdicts

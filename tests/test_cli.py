@@ -74,15 +74,15 @@ def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path
             png = client.get(image["outputs"][0]["url"]).content
             mp4 = client.get(video["outputs"][0]["url"]).content
         # The bundled, trained models by default: "red circle" gives a red circle, and
-        # "green square moving up" a green square (its direction does not follow the prompt yet).
+        # "green square moving up" a green square moving up.
         classifier = load_classifier()
         image_pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[None]
         assert image_labels()[classify(image_pixels, classifier)[0]] == "red circle"
         with av.open(io.BytesIO(mp4)) as container:
             frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
         assert frames.shape == (16, 32, 32, 3)
-        still, _, consistency = judge_clips(frames[None], classifier)[0]
-        assert image_labels()[still] == "green square" and consistency >= 0.75
+        still, direction, consistency = judge_clips(frames[None], classifier)[0]
+        assert (image_labels()[still], direction) == ("green square", "up") and consistency >= 0.75
         assert list((tmp_path / "data" / "outputs" / "jobs").iterdir())
         assert (tmp_path / "data" / "redis").is_dir()  # the embedded Redis keeps its append-only file here
         children = _children(up.pid)
