@@ -16,8 +16,9 @@ from models.training.train import Recipe, save_pipeline, train_image_dit, train_
 # Measured on 2 CPU cores: about 0.5 s a VAE step, 0.25 s an image-DiT step, 0.5 s a video-DiT step.
 VAE_RECIPE = Recipe(steps=500, batch_size=64, learning_rate=1e-3, seed=0, warmup_steps=50)
 IMAGE_RECIPE = Recipe(steps=4000, batch_size=64, learning_rate=3e-4, seed=1)
-# About 3.6 s a step. v-prediction: at high noise the target is about -x0, so the label's effect on
-# where the shape is in each frame (its direction) is an O(1) output, not a 0.1% change of eps.
+# 3.3-3.4 s a step when it was trained (1.8 s on a faster day). v-prediction: at high noise the target
+# is about -x0, so the label's effect on where the shape is in each frame (its direction) is an O(1)
+# output, not a 0.1% change of eps.
 VIDEO_RECIPE = Recipe(steps=900, batch_size=12, learning_rate=3e-4, seed=2, prediction_type="v_prediction")
 VIDEO_WEIGHTS_DTYPE = (
     torch.float16
