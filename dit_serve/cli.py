@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         help="image: VAE + image DiT; video: video DiT; judge: eval classifier",
     )
     train.add_argument("--out-dir", default=None, help="where to write the model (default: models/bundled)")
+    train.add_argument(
+        "--device", default="cpu", help="cpu (the recorded recipe) or cuda (same data and noise)"
+    )
     evaluate = commands.add_parser(
         "eval", help="score the bundled models' label accuracy through the real sampler"
     )
@@ -81,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--per-label", type=int, default=8, help="image samples per label (videos: a quarter)"
     )
     evaluate.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    evaluate.add_argument("--device", default="cpu", help="where to sample (the judge runs on the CPU)")
     return parser
 
 
@@ -95,12 +99,16 @@ def run_train(args: argparse.Namespace) -> None:
         accuracy = train_classifier(Path(args.out_dir) / WEIGHTS.name if args.out_dir else WEIGHTS)
         print(f"judge classifier: {accuracy:.1%} on fresh clean renders")
         return
+    import torch
+
     out_dir = Path(args.out_dir) if args.out_dir else BUNDLED_DIR
-    (train_image_model if args.model == "image" else train_video_model)(out_dir)
+    (train_image_model if args.model == "image" else train_video_model)(out_dir, torch.device(args.device))
 
 
 def run_evaluation(args: argparse.Namespace) -> None:
     from pathlib import Path
+
+    import torch
 
     from evaluation.run import run_eval
     from models.bundled import IMAGE_MODEL_DIR, VIDEO_MODEL_DIR
@@ -115,6 +123,7 @@ def run_evaluation(args: argparse.Namespace) -> None:
         video_dir if args.kind in ("video", "both") else None,
         args.per_label,
         Path(args.json) if args.json else None,
+        torch.device(args.device),
     )
 
 

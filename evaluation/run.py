@@ -54,18 +54,19 @@ def generate(
     shape: tuple[int, ...] = (model.latent_channels, size, size)
     if model.kind == "video":
         shape = (model.latent_channels, model.max_frames or 1, size, size)
+    device = model.vae.device
     outputs = []
     for start in range(0, len(labels), BATCH):
         chunk_labels, chunk_seeds = labels[start : start + BATCH], seeds[start : start + BATCH]
         generators = [torch.Generator().manual_seed(seed) for seed in chunk_seeds]
-        latents = initial_noise(generators, shape, CPU, torch.float32)
+        latents = initial_noise(generators, shape, device, torch.float32)
         with torch.inference_mode():
             latents, _ = sample(
                 lambda x, t, y: model.transformer(x, timestep=t, class_labels=y).sample,
                 _scheduler(model, solver),
                 latents,
-                torch.tensor(chunk_labels),
-                torch.full((len(chunk_labels),), guidance),
+                torch.tensor(chunk_labels, device=device),
+                torch.full((len(chunk_labels),), guidance, device=device),
                 steps,
                 model.null_class_id,
             )
@@ -141,15 +142,19 @@ def format_table(rows: list[Row]) -> str:
 
 
 def run_eval(
-    image_dir: Path | None, video_dir: Path | None, per_label: int, json_out: Path | None
+    image_dir: Path | None,
+    video_dir: Path | None,
+    per_label: int,
+    json_out: Path | None,
+    device: torch.device = CPU,
 ) -> list[Row]:
-    """Evaluate the given model directories and print the table."""
+    """Evaluate the given model directories (sampled on device; judged on the CPU) and print the table."""
     classifier = load_classifier()
     rows: list[Row] = []
     if image_dir:
-        rows += evaluate_images(load_model("image", image_dir, CPU), classifier, per_label)
+        rows += evaluate_images(load_model("image", image_dir, device), classifier, per_label)
     if video_dir:
-        rows += evaluate_videos(load_model("video", video_dir, CPU), classifier, max(1, per_label // 4))
+        rows += evaluate_videos(load_model("video", video_dir, device), classifier, max(1, per_label // 4))
     print(format_table(rows))
     if json_out:
         json_out.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")

@@ -34,6 +34,7 @@ TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02  # DiT's linear schedule
 TEMPORAL_DIRECTION_INIT_STD = 1.0  # see _SharedDirectionOffsets
 SCALE_SAMPLES = 2048  # images used to measure the latent std for the scaling factor
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,15 @@ def _scheduler_kwargs() -> dict:
     }
 
 
-def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(pixels).float() / 127.5 - 1
+def _to_tensor(pixels: np.ndarray, device: torch.device = CPU) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1], on device."""
+    x = torch.from_numpy(pixels).to(device).float() / 127.5 - 1
     return x.movedim(-1, -3)
+
+
+def _randn(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Noise drawn from the CPU generator, then moved: one seed gives one noise stream on any device."""
+    return torch.randn(shape, generator=generator).to(device)
 
 
 def _lr_lambda(recipe: Recipe) -> Callable[[int], float]:
@@ -121,21 +127,19 @@ def _loop(
     }
 
 
-def train_vae(recipe: Recipe) -> tuple[AutoencoderKL, dict]:
+def train_vae(recipe: Recipe, device: torch.device = CPU) -> tuple[AutoencoderKL, dict]:
     """Reconstruction (MSE) + a tiny KL term; then set scaling_factor so latents have unit variance."""
-    vae = build_shapes_vae()
+    vae = build_shapes_vae().to(device)
 
     def loss_fn(rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
-        x = _to_tensor(shapes.image_batch(rng, recipe.batch_size)[0])  # (N, 3, H, W)
+        x = _to_tensor(shapes.image_batch(rng, recipe.batch_size)[0], device)  # (N, 3, H, W)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator
-        )  # (N, 4, h, w)
+        z = posterior.mean + posterior.std * _randn(posterior.mean.shape, generator, device)  # (N, 4, h, w)
         return F.mse_loss(vae.decode(z).sample, x) + KL_WEIGHT * posterior.kl().mean()
 
     stats = _loop(vae, recipe, loss_fn, "vae")
     with torch.no_grad():
-        x = _to_tensor(shapes.image_batch(np.random.default_rng(recipe.seed + 1), SCALE_SAMPLES)[0])
+        x = _to_tensor(shapes.image_batch(np.random.default_rng(recipe.seed + 1), SCALE_SAMPLES)[0], device)
         std = float(torch.cat([vae.encode(chunk).latent_dist.mean for chunk in x.split(256)]).std())
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae, {**stats, "scaling_factor": round(1.0 / std, 5)}
@@ -145,7 +149,7 @@ def _encode(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator) -> 
     """Scaled latents sampled from the posterior, (N, 4, h, w)."""
     with torch.no_grad():
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        z = posterior.mean + posterior.std * _randn(posterior.mean.shape, generator, x.device)
     return z * vae.config.scaling_factor
 
 
@@ -173,10 +177,10 @@ def _diffusion_loss(
     getting the label's effect right there counts as much as anywhere else; eps-MSE all but ignores it.
     noise_weight_cap (eps only): weight each sample by 1/SNR(t) clamped to [1, cap], a milder form.
     """
-    n = z.shape[0]
-    t = torch.randint(0, TRAIN_TIMESTEPS, (n,), generator=generator)  # (N,)
-    eps = torch.randn(z.shape, generator=generator)
-    drop = torch.rand(n, generator=generator) < LABEL_DROPOUT
+    n, device = z.shape[0], z.device
+    t = torch.randint(0, TRAIN_TIMESTEPS, (n,), generator=generator).to(device)  # (N,)
+    eps = _randn(z.shape, generator, device)
+    drop = (torch.rand(n, generator=generator) < LABEL_DROPOUT).to(device)
     y = torch.where(drop, torch.full_like(labels, NULL_CLASS_ID), labels)  # (N,)
     x_t = noise_scheduler.add_noise(z, eps, t)
     prediction = model(x_t, timestep=t, class_labels=y).sample[:, : z.shape[1]]
@@ -186,14 +190,18 @@ def _diffusion_loss(
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     if noise_weight_cap is None:
         return F.mse_loss(prediction, eps)
-    alpha_bar = noise_scheduler.alphas_cumprod[t]  # (N,)
+    alpha_bar = noise_scheduler.alphas_cumprod.to(device)[t]  # (N,)
     weight = ((1 - alpha_bar) / alpha_bar).clamp(1.0, noise_weight_cap)  # 1/SNR(t), (N,)
     per_sample = (prediction - eps).pow(2).flatten(1).mean(1)  # (N,)
     return (weight * per_sample).mean()
 
 
 def train_image_dit(
-    vae: AutoencoderKL, recipe: Recipe, hidden_heads: int = 4, num_layers: int = 4
+    vae: AutoencoderKL,
+    recipe: Recipe,
+    hidden_heads: int = 4,
+    num_layers: int = 4,
+    device: torch.device = CPU,
 ) -> tuple[DiTTransformer2DModel, dict]:
     model = DiTTransformer2DModel(
         num_attention_heads=hidden_heads,
@@ -204,14 +212,14 @@ def train_image_dit(
         sample_size=shapes.IMAGE_SIZE // 4,
         patch_size=1,  # 64 tokens: each latent pixel is a token
         num_embeds_ada_norm=NULL_CLASS_ID,
-    )
+    ).to(device)
     _disable_block_label_dropout(model)
     noise_scheduler = DDPMScheduler(**_scheduler_kwargs())
 
     def loss_fn(rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
         pixels, labels = shapes.image_batch(rng, recipe.batch_size)
-        z = _encode(vae, _to_tensor(pixels), generator)  # (N, 4, 8, 8)
-        labels_t = torch.from_numpy(labels)  # (N,)
+        z = _encode(vae, _to_tensor(pixels, device), generator)  # (N, 4, 8, 8)
+        labels_t = torch.from_numpy(labels).to(device)  # (N,)
         return _diffusion_loss(
             model, noise_scheduler, z, labels_t, generator, recipe.noise_weight_cap, recipe.prediction_type
         )
@@ -273,7 +281,7 @@ def init_from_image_dit(model: SpaceTimeDiTModel, image_dit: DiTTransformer2DMod
 
 
 def train_video_dit(
-    vae: AutoencoderKL, recipe: Recipe, image_dit: DiTTransformer2DModel
+    vae: AutoencoderKL, recipe: Recipe, image_dit: DiTTransformer2DModel, device: torch.device = CPU
 ) -> tuple[SpaceTimeDiTModel, dict]:
     """The space-time DiT, initialised from the image DiT (same width, depth and patch size)."""
     image_config = image_dit.config
@@ -298,14 +306,16 @@ def train_video_dit(
             offsets = _SharedDirectionOffsets(module.embedding_table.embedding_dim, init_std)
             parametrize.register_parametrization(module.embedding_table, "weight", offsets)
             tables.append(module.embedding_table)
+    model.to(device)
     noise_scheduler = DDPMScheduler(**_scheduler_kwargs())
 
     def loss_fn(rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
         pixels, labels = shapes.video_batch(rng, recipe.batch_size)  # (N, F, H, W, 3)
         n, f = pixels.shape[:2]
-        z = _encode(vae, _to_tensor(pixels.reshape(n * f, *pixels.shape[2:])), generator)  # (N*F, 4, 8, 8)
+        x = _to_tensor(pixels.reshape(n * f, *pixels.shape[2:]), device)  # (N*F, 3, H, W)
+        z = _encode(vae, x, generator)  # (N*F, 4, 8, 8)
         z = z.reshape(n, f, *z.shape[1:]).transpose(1, 2)  # (N, 4, F, 8, 8)
-        labels_t = torch.from_numpy(labels)  # (N,)
+        labels_t = torch.from_numpy(labels).to(device)  # (N,)
         return _diffusion_loss(
             model, noise_scheduler, z, labels_t, generator, recipe.noise_weight_cap, recipe.prediction_type
         )
@@ -332,9 +342,9 @@ def save_pipeline(
     prediction_type: what the transformer predicts, for the scheduler config (samplers read it there).
     """
     path.mkdir(parents=True, exist_ok=True)
-    transformer.to(transformer_dtype).save_pretrained(path / "transformer")
+    transformer.to(CPU, transformer_dtype).save_pretrained(path / "transformer")
     transformer.to(torch.float32)
-    vae.save_pretrained(path / "vae")
+    vae.to(CPU).save_pretrained(path / "vae")
     scheduler = DDIMScheduler(
         **_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type
     )
