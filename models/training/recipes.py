@@ -13,14 +13,17 @@ from models.bundled import VIDEO_MODEL_NAME as VIDEO_MODEL
 from models.training import shapes
 from models.training.train import CPU, Recipe, save_pipeline, train_image_dit, train_vae, train_video_dit
 
-# Measured on 2 CPU cores: about 0.5 s a VAE step, 0.25 s an image-DiT step, 0.5 s a video-DiT step.
+# Measured on 2 CPU cores when the shipped weights were trained: about 0.7 s a VAE step, 0.28 s an
+# image-DiT step, 1.3-1.5 s a video-DiT step (3.3 s on a slow day).
 VAE_RECIPE = Recipe(steps=500, batch_size=64, learning_rate=1e-3, seed=0, warmup_steps=50)
+# v-prediction: a data-prediction solver (DPM-Solver++) gets x0 = a*x_t - s*v, which does not divide the
+# model's error by a ~ 0.006 at high noise as x0 from eps does (the eps DiT fell to 72% at 10 steps).
+# Seed 3 was picked after two seed-1 CPU runs drew rounded diamonds (89%); see the README.
 IMAGE_RECIPE = Recipe(
     steps=4000, batch_size=64, learning_rate=3e-4, seed=3, ema_decay=0.999, prediction_type="v_prediction"
 )
-# 3.3-3.4 s a step when it was trained (1.8 s on a faster day). v-prediction: at high noise the target
-# is about -x0, so the label's effect on where the shape is in each frame (its direction) is an O(1)
-# output, not a 0.1% change of eps.
+# v-prediction: at high noise the target is about -x0, so the label's effect on where the shape is in
+# each frame (its direction) is an O(1) output, not a 0.1% change of eps.
 VIDEO_RECIPE = Recipe(steps=900, batch_size=12, learning_rate=3e-4, seed=2, prediction_type="v_prediction")
 VIDEO_WEIGHTS_DTYPE = (
     torch.float16
