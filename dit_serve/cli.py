@@ -28,6 +28,7 @@ COMMON_FLAGS = [
     ),
     ("--storage", "storage", "output storage: local or s3 (DIT_STORAGE)"),
     ("--device", "device", "auto, cpu or cuda (DIT_DEVICE, default auto)"),
+    ("--dtype", "dtype", "fp32, fp16 or bf16 for every model (DIT_DTYPE, default fp32)"),
     ("--max-batch", "max_batch", "most outputs sampled in one batch (DIT_MAX_BATCH, default 16)"),
     (
         "--max-wait-ms",
@@ -55,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
             dest="models",
             action="append",
             default=None,
-            metavar="NAME=PATH",
-            help="serve a diffusers pipeline directory as NAME (repeatable; DIT_MODELS as a JSON list)",
+            metavar="NAME=SOURCE",
+            help="serve a pipeline directory or hub id as NAME (repeatable; DIT_MODELS as a JSON list)",
         )
     train = commands.add_parser(
         "train", help="retrain a bundled model from its fixed-seed recipe (CPU: minutes)"

@@ -15,6 +15,12 @@ class Device(StrEnum):
     CUDA = "cuda"
 
 
+class Dtype(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
 class StorageBackend(StrEnum):
     LOCAL = "local"
     S3 = "s3"
@@ -37,10 +43,12 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
 
-    # Models served by a worker, as NAME=PATH (a diffusers-format directory). Empty: the defaults.
+    # Models served by a worker, as NAME=SOURCE: a diffusers-format directory or a Hugging Face Hub id
+    # (downloaded once, when the network allows). Empty: the bundled models.
     models: list[str] = Field(default_factory=list)
     default_model: str | None = None
     device: Device = Device.AUTO
+    dtype: Dtype = Dtype.FP32  # weights and sampling dtype for every model of a worker
     max_batch: int = Field(16, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0, le=60_000)
     worker_name: str | None = None

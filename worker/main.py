@@ -5,15 +5,15 @@ import os
 import signal
 import socket
 import uuid
-from pathlib import Path
 
 import torch
 from redis import Redis
 
-from dit_serve.config import Device, Settings
+from dit_serve.config import Device, Dtype, Settings
 from dit_serve.storage import storage_from_settings
 from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 from models.loading import LoadedModel, ModelLoadError, load_model
+from models.sources import resolve_source
 from worker.runner import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -29,20 +29,26 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device.value)
 
 
-def parse_model_sources(entries: list[str]) -> dict[str, Path]:
-    """NAME=PATH entries (from --model or DIT_MODELS) to a name -> directory map."""
-    sources: dict[str, Path] = {}
+TORCH_DTYPES = {Dtype.FP32: torch.float32, Dtype.FP16: torch.float16, Dtype.BF16: torch.bfloat16}
+
+
+def parse_model_sources(entries: list[str]) -> dict[str, str]:
+    """NAME=SOURCE entries (from --model or DIT_MODELS) to a name -> source map (directory or hub id)."""
+    sources: dict[str, str] = {}
     for entry in entries:
-        name, sep, path = entry.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--model {entry!r}: expected NAME=PATH, e.g. my-dit=/models/DiT-XL-2-256")
+        name, sep, source = entry.partition("=")
+        if not sep or not name or not source:
+            raise SystemExit(
+                f"--model {entry!r}: expected NAME=SOURCE, "
+                "e.g. xl=/models/DiT-XL-2-256 or xl=facebook/DiT-XL-2-256"
+            )
         if ":" in name or "|" in name:
             raise SystemExit(f"--model {entry!r}: a model name may not contain ':' or '|'")
-        sources[name] = Path(path)
+        sources[name] = source
     return sources
 
 
-def default_model_sources() -> dict[str, Path]:
+def default_model_sources() -> dict[str, str]:
     """What `dit-serve up` serves when no --model is given: the bundled, trained models (models/bundled)."""
     bundled = {IMAGE_MODEL_NAME: IMAGE_MODEL_DIR, VIDEO_MODEL_NAME: VIDEO_MODEL_DIR}
     for name, path in bundled.items():
@@ -51,13 +57,18 @@ def default_model_sources() -> dict[str, Path]:
             raise SystemExit(
                 f"bundled model missing at {path}: run `dit-serve train {kind}`, or pass --model"
             )
-    return bundled
+    return {name: str(path) for name, path in bundled.items()}
 
 
 def load_models(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
+    """Each model once, on device, in the settings' dtype; a model that cannot load stops the worker."""
     sources = parse_model_sources(settings.models) or default_model_sources()
+    dtype = TORCH_DTYPES[settings.dtype]
     try:
-        return {name: load_model(name, path, device) for name, path in sources.items()}
+        return {
+            name: load_model(name, resolve_source(name, source), device, dtype)
+            for name, source in sources.items()
+        }
     except ModelLoadError as exc:
         raise SystemExit(str(exc)) from exc
 
