@@ -20,6 +20,9 @@ class GenerationRequest(BaseModel):
 
     model: str | None = Field(None, min_length=1, max_length=200, description="default: the default model")
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description='text models only; default ""'
+    )
     class_labels: list[int] | None = Field(None, min_length=1, max_length=MAX_OUTPUTS)
     size: str | None = Field(None, pattern=SIZE_PATTERN, description='"WxH"; default: the native size')
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default 25")
@@ -86,11 +89,15 @@ class ModelBody(BaseModel):
     name: str
     kind: str
     family: str
+    conditioning: Literal["class", "text"]
     sizes: list[str]
     default_size: str
+    size_multiple: int | None
+    max_pixels: int | None
     defaults: dict
     labels: list[str] | None
     max_frames: int | None
+    frames_multiple: int
 
 
 class ModelList(BaseModel):

@@ -7,7 +7,7 @@ import uuid
 
 from app.errors import InvalidRequest, ServiceUnavailable
 from app.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
-from dit_serve.catalog import ModelSpec
+from dit_serve.catalog import TEXT_CONDITIONING, ModelSpec
 from dit_serve.jobs import JobKind, RecordField, compat_key
 from dit_serve.labels import UnknownLabelError, label_id
 
@@ -37,6 +37,22 @@ def choose_model(
     return of_kind[requested]
 
 
+def _conditions(request: GenerationRequest, n: int, spec: ModelSpec) -> dict:
+    """The request's condition fields for this model: class ids, or a prompt and negative prompt."""
+    if spec.conditioning == TEXT_CONDITIONING:
+        if request.prompt is None:
+            raise InvalidRequest(
+                f"model {spec.name} takes a text prompt; class_labels is for class-conditional models"
+            )
+        return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or ""}
+    if request.negative_prompt is not None:
+        raise InvalidRequest(
+            f"model {spec.name} is class-conditional (prompts name its labels); "
+            "negative_prompt is for text models"
+        )
+    return {"prompt": request.prompt, "class_labels": _class_labels(request, n, spec)}
+
+
 def _class_labels(request: GenerationRequest, n: int, spec: ModelSpec) -> list[int]:
     labels = spec.labels or []
     if request.prompt is not None:
@@ -55,23 +71,53 @@ def _class_labels(request: GenerationRequest, n: int, spec: ModelSpec) -> list[i
     return ids * n if len(ids) == 1 else ids
 
 
+def _size_supported(width: int, height: int, spec: ModelSpec) -> bool:
+    if f"{width}x{height}" in spec.sizes:
+        return True
+    multiple, max_pixels = spec.size_multiple, spec.max_pixels
+    return bool(multiple and width % multiple == 0 and height % multiple == 0) and (
+        max_pixels is None or width * height <= max_pixels
+    )
+
+
+def _size(request: GenerationRequest, spec: ModelSpec) -> tuple[int, int]:
+    size = request.size or spec.default_size
+    width, height = (int(part) for part in size.split("x"))
+    if not _size_supported(width, height, spec):
+        supported = ", ".join(spec.sizes)
+        if spec.size_multiple:
+            supported += f", or any WxH with sides multiples of {spec.size_multiple}"
+            supported += f" and at most {spec.max_pixels} pixels" if spec.max_pixels else ""
+        raise InvalidRequest(
+            f"size {size} not supported by {spec.name}; supported: {supported}", "unsupported_size"
+        )
+    return width, height
+
+
+def _frames(request: VideoRequest, spec: ModelSpec) -> int:
+    max_frames = spec.max_frames or 1
+    frames = request.num_frames or spec.defaults.num_frames or max_frames
+    if frames > max_frames:
+        raise InvalidRequest(f"num_frames {frames} is more than {spec.name}'s maximum of {max_frames}")
+    step = spec.frames_multiple
+    if (frames - 1) % step:
+        raise InvalidRequest(
+            f"num_frames {frames} does not fit {spec.name}: it takes 1 + a multiple of {step} frames "
+            f"(1, {1 + step}, {1 + 2 * step}, ..., up to {max_frames})"
+        )
+    return frames
+
+
 def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSpec) -> dict:
     """The full request with every default filled in and the seed chosen; what the worker runs."""
-    size = request.size or spec.default_size
-    if size not in spec.sizes:
-        raise InvalidRequest(
-            f"size {size} not supported by {spec.name}; supported: {', '.join(spec.sizes)}",
-            "unsupported_size",
-        )
-    width, height = (int(part) for part in size.split("x"))
+    width, height = _size(request, spec)
     n = request.n
     normalised = {
         "kind": kind.value,
         "model": spec.name,
-        "prompt": request.prompt,
-        "class_labels": _class_labels(request, n, spec),
+        **_conditions(request, n, spec),
         "n": n,
-        "size": size,
+        "size": f"{width}x{height}",
         "width": width,
         "height": height,
         "num_inference_steps": request.num_inference_steps or spec.defaults.num_inference_steps,
@@ -82,11 +128,7 @@ def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSp
         "output_format": request.output_format,
     }
     if isinstance(request, VideoRequest):
-        max_frames = spec.max_frames or 1
-        frames = request.num_frames or spec.defaults.num_frames or max_frames
-        if frames > max_frames:
-            raise InvalidRequest(f"num_frames {frames} is more than {spec.name}'s maximum of {max_frames}")
-        normalised |= {"num_frames": frames, "fps": request.fps}
+        normalised |= {"num_frames": _frames(request, spec), "fps": request.fps}
     return normalised
 
 

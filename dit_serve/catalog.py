@@ -8,6 +8,8 @@ from redis import Redis
 
 from dit_serve.jobs import KEY_PREFIX
 
+CLASS_CONDITIONING = "class"
+TEXT_CONDITIONING = "text"
 WORKERS_KEY = f"{KEY_PREFIX}:workers"  # sorted set: worker name -> unix time its registration expires
 
 
@@ -27,12 +29,17 @@ class ModelSpec(BaseModel):
     name: str
     kind: str  # "image" | "video"
     family: str
+    conditioning: str = (
+        CLASS_CONDITIONING  # "class": prompts name labels; "text": free text (and negative_prompt)
+    )
     sizes: list[str]
     default_size: str
+    size_multiple: int | None = None  # when set, any WxH with sides multiples of it ...
+    max_pixels: int | None = None  # ... and W*H at most this is accepted besides `sizes`
     defaults: ModelDefaults
     labels: list[str] | None
     max_frames: int | None = None
-    conditioning: str = "class"  # "class": prompts map to label ids
+    frames_multiple: int = 1  # num_frames - 1 must be a multiple of this
 
 
 def publish_worker(redis: Redis, name: str, models: list[ModelSpec], ttl_s: float) -> None:

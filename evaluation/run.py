@@ -11,9 +11,10 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from evaluation.classifier import ShapeClassifier, classify, embed, load_classifier
 from evaluation.judge import frechet_distance, judge_clips
-from models.loading import LoadedModel, load_model
+from models.families.class_dit import ClassConditionalDiT
+from models.loading import LoadedModel, RowCondition, load_model
 from models.training import shapes
-from worker.sampling import decode_latents, initial_noise, sample
+from worker.sampling import generate as sample_rows
 
 CPU = torch.device("cpu")
 SETTINGS = [  # (guidance scale, steps, solver): the seed document's FID/steps table in miniature
@@ -47,34 +48,38 @@ def _scheduler(model: LoadedModel, solver: str) -> DDIMScheduler | DPMSolverMult
 
 
 def generate(
-    model: LoadedModel, labels: list[int], seeds: list[int], guidance: float, steps: int, solver: str
+    model: ClassConditionalDiT, labels: list[int], seeds: list[int], guidance: float, steps: int, solver: str
 ) -> np.ndarray:
     """Pixels for each (label, seed), through worker.sampling: (N, H, W, 3) or (N, F, H, W, 3) uint8."""
-    size = model.latent_size
-    shape: tuple[int, ...] = (model.latent_channels, size, size)
-    if model.kind == "video":
-        shape = (model.latent_channels, model.max_frames or 1, size, size)
-    device = model.vae.device
+    size, frames = model.native_size, model.max_frames or 1
     outputs = []
     for start in range(0, len(labels), BATCH):
         chunk_labels, chunk_seeds = labels[start : start + BATCH], seeds[start : start + BATCH]
-        generators = [torch.Generator().manual_seed(seed) for seed in chunk_seeds]
-        latents = initial_noise(generators, shape, device, torch.float32)
-        with torch.inference_mode():
-            latents, _ = sample(
-                lambda x, t, y: model.transformer(x, timestep=t, class_labels=y).sample,
-                _scheduler(model, solver),
-                latents,
-                torch.tensor(chunk_labels, device=device),
-                torch.full((len(chunk_labels),), guidance, device=device),
-                steps,
-                model.null_class_id,
-            )
-            outputs.append(decode_latents(model.vae, latents).numpy())
+        pixels, _ = sample_rows(
+            model,
+            [RowCondition(class_label=label) for label in chunk_labels],
+            chunk_seeds,
+            [guidance] * len(chunk_labels),
+            steps,
+            size,
+            size,
+            frames,
+            scheduler=_scheduler(model, solver),
+        )
+        outputs.append(pixels.numpy())
     return np.concatenate(outputs)
 
 
-def evaluate_images(model: LoadedModel, classifier: ShapeClassifier, per_label: int) -> list[Row]:
+def load_class_model(name: str, path: Path, device: torch.device) -> ClassConditionalDiT:
+    model = load_model(name, path, device)
+    if not isinstance(model, ClassConditionalDiT):
+        raise SystemExit(
+            f"{path} holds a {model.family} model; the evaluator scores the bundled shapes models"
+        )
+    return model
+
+
+def evaluate_images(model: ClassConditionalDiT, classifier: ShapeClassifier, per_label: int) -> list[Row]:
     """Label accuracy and Fréchet distance (classifier features) for every setting."""
     names = model.labels
     labels = [label for label in range(len(names)) for _ in range(per_label)]
@@ -92,7 +97,7 @@ def evaluate_images(model: LoadedModel, classifier: ShapeClassifier, per_label: 
     return rows
 
 
-def evaluate_videos(model: LoadedModel, classifier: ShapeClassifier, per_label: int) -> list[Row]:
+def evaluate_videos(model: ClassConditionalDiT, classifier: ShapeClassifier, per_label: int) -> list[Row]:
     """Colour/shape accuracy, direction accuracy and frame consistency for every setting."""
     names = model.labels
     labels = [label for label in range(len(names)) for _ in range(per_label)]
@@ -152,9 +157,11 @@ def run_eval(
     classifier = load_classifier()
     rows: list[Row] = []
     if image_dir:
-        rows += evaluate_images(load_model("image", image_dir, device), classifier, per_label)
+        rows += evaluate_images(load_class_model("image", image_dir, device), classifier, per_label)
     if video_dir:
-        rows += evaluate_videos(load_model("video", video_dir, device), classifier, max(1, per_label // 4))
+        rows += evaluate_videos(
+            load_class_model("video", video_dir, device), classifier, max(1, per_label // 4)
+        )
     print(format_table(rows))
     if json_out:
         json_out.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")

@@ -53,14 +53,18 @@ def redis(redis_url: str) -> Iterator[Redis]:
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random-weight pipelines on disk: fast ones, and a slow video model for cancel/crash tests."""
+    """Tiny random-weight pipelines on disk: one per family, and a slow video model for cancel/crash tests."""
     from models.tiny import build_tiny_image_model, build_tiny_video_model
+    from models.tiny_text import build_tiny_pixart_model, build_tiny_wan_model
 
     root = tmp_path_factory.mktemp("models")
     return {
         "img": build_tiny_image_model(root / "img"),
         "vid": build_tiny_video_model(root / "vid"),
         "slow": build_tiny_video_model(root / "slow", num_layers=4, num_heads=8),
+        "pixart-alpha": build_tiny_pixart_model(root / "pixart-alpha"),
+        "pixart-sigma": build_tiny_pixart_model(root / "pixart-sigma", sigma=True),
+        "wan": build_tiny_wan_model(root / "wan"),
     }
 
 

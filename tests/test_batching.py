@@ -20,13 +20,23 @@ def _ticket(job_id: str, n: int = 1, compat: str = "m|image|32x32|25|1", seed: i
 def test_rows_follow_jobs_with_seed_plus_index() -> None:
     batch = Batch.from_tickets([_ticket("a", n=3, seed=100), _ticket("b")])
     assert len(batch) == 4
-    assert [(row.job_id, row.index, row.seed, row.class_label) for row in batch.rows] == [
+    assert [(row.job_id, row.index, row.seed, row.condition.class_label) for row in batch.rows] == [
         ("a", 0, 100, 0),
         ("a", 1, 101, 1),
         ("a", 2, 102, 2),
         ("b", 0, 10, 0),
     ]
     assert batch.row_indices("b") == [3]
+
+
+def test_text_rows_carry_prompt_and_negative_prompt() -> None:
+    request = {"kind": "image", "model": "p", "n": 2, "seed": 7, "guidance_scale": 4.5}
+    request |= {"prompt": "a red fox", "negative_prompt": "blurry"}
+    rows = JobTicket("t", "dit-serve.p", "exec", "p|image|64x64|20|1", request).rows()
+    conditions = {
+        (row.condition.prompt, row.condition.negative_prompt, row.condition.class_label) for row in rows
+    }
+    assert conditions == {("a red fox", "blurry", None)} and [row.seed for row in rows] == [7, 8]
 
 
 def test_incompatible_or_duplicate_jobs_cannot_join() -> None:

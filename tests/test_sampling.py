@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DiTPipeline, DPMSolverMultistepScheduler
 
-from models.loading import LoadedModel, load_model
-from worker.sampling import cfg_denoise, decode_latents, initial_noise, sample
+from models.loading import LoadedModel, RowCondition, load_model
+from worker.sampling import cfg_denoise, generate, initial_noise
 
 CPU = torch.device("cpu")
 MAX_PIXEL_DIFF = 1  # out of 255
@@ -24,27 +24,13 @@ def video_model(model_dirs: dict[str, Path]) -> LoadedModel:
     return load_model("vid", model_dirs["vid"], CPU)
 
 
-def _model_fn(model: LoadedModel):  # type: ignore[no-untyped-def]
-    return lambda x, t, y: model.transformer(x, timestep=t, class_labels=y).sample
-
-
-def _generate(model, seeds, labels, scales, steps=8, scheduler=None, on_step=None, frames=None):  # type: ignore[no-untyped-def]
-    shape = (model.latent_channels, model.latent_size, model.latent_size)
-    if frames:
-        shape = (model.latent_channels, frames, model.latent_size, model.latent_size)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    latents = initial_noise(generators, shape, CPU, torch.float32)
-    latents, rows = sample(
-        _model_fn(model),
-        scheduler or model.new_scheduler(),
-        latents,
-        torch.tensor(labels),
-        torch.tensor(scales, dtype=torch.float32),
-        steps,
-        model.null_class_id,
-        on_step,
+def _generate(model, seeds, labels, scales, steps=8, scheduler=None, on_step=None, frames=1):  # type: ignore[no-untyped-def]
+    size = model.native_size
+    conditions = [RowCondition(class_label=label) for label in labels]
+    pixels, rows = generate(
+        model, conditions, seeds, scales, steps, size, size, frames, scheduler=scheduler, on_step=on_step
     )
-    return decode_latents(model.vae, latents).numpy().astype(int), rows
+    return pixels.numpy().astype(int), rows
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
@@ -81,14 +67,20 @@ def test_guidance_and_label_change_the_output(image_model: LoadedModel) -> None:
 
 
 def test_cfg_denoise_applies_each_rows_scale_to_its_own_rows() -> None:
-    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         # cond rows predict y, the null class (1000) predicts 0: eps = s * y for guided rows
-        out = (y.float() * (y != 1000)).view(-1, 1, 1, 1).expand(-1, 8, 2, 2)  # (B, 2C, 2, 2) learned sigma
-        return out
+        y = cond["class_labels"]
+        return (y.float() * (y != 1000)).view(-1, 1, 1, 1).expand(-1, 4, 2, 2)  # (B, C, 2, 2)
 
     x = torch.zeros(3, 4, 2, 2)
+    labels = torch.tensor([1, 2, 3])
     eps = cfg_denoise(
-        model_fn, x, torch.zeros(3), torch.tensor([1, 2, 3]), torch.tensor([2.0, 1.0, 5.0]), 1000, 4
+        predict,
+        x,
+        torch.zeros(3),
+        {"class_labels": labels},
+        {"class_labels": torch.full_like(labels, 1000)},
+        torch.tensor([2.0, 1.0, 5.0]),
     )
     assert eps.shape == (3, 4, 2, 2)
     assert eps[:, 0, 0, 0].tolist() == [2.0, 2.0, 15.0]  # s*y guided; row 2 (s=1) is its cond output
@@ -122,6 +114,6 @@ def test_video_rows_are_independent_and_shaped(video_model: LoadedModel) -> None
 
 def test_noise_depends_only_on_the_seed() -> None:
     generators = [torch.Generator().manual_seed(seed) for seed in (3, 4)]
-    pair = initial_noise(generators, (4, 2, 2), CPU, torch.float32)
-    alone = initial_noise([torch.Generator().manual_seed(4)], (4, 2, 2), CPU, torch.float32)
+    pair = initial_noise(generators, (4, 2, 2), CPU)
+    alone = initial_noise([torch.Generator().manual_seed(4)], (4, 2, 2), CPU)
     assert torch.equal(pair[1], alone[0]) and not torch.equal(pair[0], pair[1])

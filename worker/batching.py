@@ -4,6 +4,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.families.base import RowCondition
+
 
 @dataclass(frozen=True)
 class JobTicket:
@@ -28,10 +30,18 @@ class JobTicket:
         return int(self.request["n"])
 
     def rows(self) -> list["SampleRow"]:
-        """Output k uses seed + k and class_labels[k]."""
-        seed, labels = int(self.request["seed"]), self.request["class_labels"]
-        scale = float(self.request["guidance_scale"])
-        return [SampleRow(self.job_id, k, seed + k, int(labels[k]), scale) for k in range(self.num_outputs)]
+        """Output k uses seed + k, and class_labels[k] (class models) or the prompts (text models)."""
+        seed, scale = int(self.request["seed"]), float(self.request["guidance_scale"])
+        labels = self.request.get("class_labels")
+        conditions = [
+            RowCondition(
+                class_label=int(labels[k]) if labels else None,
+                prompt=None if labels else self.request["prompt"],
+                negative_prompt=self.request.get("negative_prompt") or "",
+            )
+            for k in range(self.num_outputs)
+        ]
+        return [SampleRow(self.job_id, k, seed + k, conditions[k], scale) for k in range(self.num_outputs)]
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class SampleRow:
     job_id: str
     index: int
     seed: int
-    class_label: int
+    condition: RowCondition
     guidance_scale: float
 
 

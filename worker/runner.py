@@ -22,11 +22,11 @@ from dit_serve.catalog import ModelDefaults, ModelSpec, publish_worker, retire_w
 from dit_serve.jobs import JobError, queue_name
 from dit_serve.queueing import reap_lost_jobs
 from dit_serve.storage import Storage
-from models.loading import DEFAULT_GUIDANCE, DEFAULT_STEPS, LoadedModel
+from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.outputs import store_outputs
 from worker.queue import JobQueue, new_execution_id
-from worker.sampling import decode_latents, initial_noise, sample
+from worker.sampling import generate
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,24 @@ class WorkerConfig:
 
 def model_spec(model: LoadedModel) -> ModelSpec:
     """What the API may accept for this model."""
-    size = f"{model.native_size}x{model.native_size}"
+    limits = model.limits()
     return ModelSpec(
         name=model.name,
         kind=model.kind,
         family=model.family,
-        sizes=[size],
-        default_size=size,
+        conditioning=model.conditioning,
+        sizes=limits.sizes,
+        default_size=limits.sizes[0],
+        size_multiple=limits.size_multiple,
+        max_pixels=limits.max_pixels,
         defaults=ModelDefaults(
-            num_inference_steps=DEFAULT_STEPS,
-            guidance_scale=DEFAULT_GUIDANCE,
-            num_frames=model.default_frames,
+            num_inference_steps=limits.default_steps,
+            guidance_scale=limits.default_guidance,
+            num_frames=limits.default_frames,
         ),
         labels=model.labels,
-        max_frames=model.max_frames,
+        max_frames=limits.max_frames,
+        frames_multiple=limits.frames_multiple,
     )
 
 
@@ -229,16 +233,6 @@ class Worker:
         ticket = batch.first
         model = self.models[ticket.queue]
         request = ticket.request
-        latent_size = model.latent_size
-        frames = int(request.get("num_frames") or 1)
-        shape: tuple[int, ...] = (model.latent_channels, latent_size, latent_size)
-        if model.kind == "video":
-            shape = (model.latent_channels, frames, latent_size, latent_size)
-        device, dtype = model.vae.device, model.transformer.dtype
-        generators = [torch.Generator().manual_seed(row.seed) for row in batch.rows]
-        latents = initial_noise(generators, shape, device, dtype)  # (N, *shape)
-        class_labels = torch.tensor([row.class_label for row in batch.rows], device=device)  # (N,)
-        guidance = torch.tensor([row.guidance_scale for row in batch.rows], device=device)  # (N,)
         canceled: set[str] = set()
 
         def on_step(done: int, total: int, rows: torch.Tensor) -> torch.Tensor | None:
@@ -256,22 +250,19 @@ class Worker:
             self._release(asked)
             return torch.tensor([job_id not in canceled for job_id in live]) if asked else None
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return model.transformer(x, timestep=t, class_labels=y).sample
-
-        latents, rows = sample(
-            model_fn,
-            model.new_scheduler(),
-            latents,
-            class_labels,
-            guidance,
+        pixels_out, rows = generate(
+            model,
+            [row.condition for row in batch.rows],
+            [row.seed for row in batch.rows],
+            [row.guidance_scale for row in batch.rows],
             int(request["num_inference_steps"]),
-            model.null_class_id,
-            on_step,
+            int(request["width"]),
+            int(request["height"]),
+            int(request.get("num_frames") or 1),
+            on_step=on_step,
         )
         pixels: dict[str, list[np.ndarray]] = defaultdict(list)
-        if rows.numel():
-            decoded = decode_latents(model.vae, latents).numpy()  # (M, H, W, 3) or (M, F, H, W, 3)
-            for row_index, array in zip(rows.tolist(), decoded, strict=True):
-                pixels[batch.rows[row_index].job_id].append(array)
+        decoded = pixels_out.numpy()  # (M, H, W, 3) or (M, F, H, W, 3)
+        for row_index, array in zip(rows.tolist(), decoded, strict=True):
+            pixels[batch.rows[row_index].job_id].append(array)
         return pixels, canceled

@@ -1,80 +1,82 @@
 """Batched DiT sampling with classifier-free guidance, as small pure functions over tensors.
 
 No Redis, settings or I/O here: the worker passes tensors, a scheduler and generators in, and gets
-tensors back. Each row of a batch is one output with its own seed, class label and guidance scale,
-and depends only on those, never on which other rows share its batch.
+tensors back. Each row of a batch is one output with its own seed, condition and guidance scale, and
+depends only on those, never on which other rows share its batch. What differs between DiT families
+(how conditions become inputs, learned sigma, decoding) is the family adapter's (models/families).
 """
 
 from collections.abc import Callable
 
 import torch
-from diffusers import AutoencoderKL
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-# model_fn(x, t, y) -> the transformer's raw output; x (B, C, *S), t (B,), y (B,) -> (B, C_out, *S)
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from models.families.base import Conditioning, LoadedModel, RowCondition
+
+# predict(x, t, cond) -> prediction on the latent channels; x (B, C, *S), t (B,) -> (B, C, *S)
+PredictFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 # on_step(steps_done, total_steps, rows) -> bool mask over the live rows to keep, or None to keep all
 StepCallback = Callable[[int, int, torch.Tensor], torch.Tensor | None]
 
-NO_GUIDANCE_AT_OR_BELOW = 1.0  # DiTPipeline applies CFG only when guidance_scale > 1
-VAE_DECODE_CHUNK = 64  # frames decoded per VAE call, bounding activation memory for long videos
+NO_GUIDANCE_AT_OR_BELOW = 1.0  # the pipelines apply CFG only when guidance_scale > 1
 
 
 def initial_noise(
-    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
     """Draw each row's starting latent from its own generator.
 
     Drawn in fp32 on the generators' device (CPU) and then moved, so a seed gives the same noise on
-    any device and dtype, and the same noise as `DiTPipeline` with a CPU generator seeded alike.
+    any device, and the same noise as a diffusers pipeline with a CPU generator seeded alike.
 
     Returns:
-        (N, *shape) latents, N = len(generators).
+        (N, *shape) fp32 latents, N = len(generators).
     """
     rows = [torch.randn((1, *shape), generator=generator, dtype=torch.float32) for generator in generators]
-    return torch.cat(rows).to(device=device, dtype=dtype)  # (N, *shape)
+    return torch.cat(rows).to(device)  # (N, *shape)
+
+
+def select_rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:
+    return {key: value[rows.to(value.device)] for key, value in cond.items()}
 
 
 def cfg_denoise(
-    model_fn: ModelFn,
+    predict: PredictFn,
     x: torch.Tensor,
     t: torch.Tensor,
-    class_labels: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
     guidance_scale: torch.Tensor,
-    null_class_id: int,
-    latent_channels: int,
 ) -> torch.Tensor:
-    """One guided noise prediction for a batch with per-row guidance scales.
+    """One guided prediction for a batch with per-row guidance scales.
 
-    Rows with guidance_scale > 1 get an extra unconditional row (class `null_class_id`) in the same
-    forward pass; eps = eps_uncond + s * (eps_cond - eps_uncond) on their own rows only. Learned-sigma
-    channels (DiT's out_channels = 2 * in_channels) are dropped, as DiTPipeline does.
+    Rows with guidance_scale > 1 get an extra unconditional row in the same forward pass;
+    pred = uncond + s * (cond - uncond) on their own rows only.
 
     Args:
-        model_fn: the transformer as (x, t, y) -> output.
+        predict: the family's transformer call.
         x: (N, C, *S) latents, S = (H, W) for images or (F, H, W) for videos.
         t: (N,) timesteps.
-        class_labels: (N,) class ids.
+        cond: each row's conditional inputs, every value (N, ...).
+        uncond: each row's unconditional inputs, same keys and shapes.
         guidance_scale: (N,) CFG scales.
-        null_class_id: the class id DiT was trained to read as "no class".
-        latent_channels: C.
 
     Returns:
-        (N, C, *S) noise prediction.
+        (N, C, *S) prediction.
     """
     n = x.shape[0]
     guided = (guidance_scale > NO_GUIDANCE_AT_OR_BELOW).nonzero().squeeze(1)  # (G,)
     x_in = torch.cat([x, x[guided]])  # (N+G, C, *S)
     t_in = torch.cat([t, t[guided]])  # (N+G,)
-    y_in = torch.cat([class_labels, torch.full_like(class_labels[guided], null_class_id)])  # (N+G,)
-    out = model_fn(x_in, t_in, y_in)[:, :latent_channels]  # (N+G, C, *S), learned sigma dropped
-    eps_cond, eps_uncond = out[:n], out[n:]  # (N, C, *S), (G, C, *S)
+    inputs = {key: torch.cat([cond[key], uncond[key][guided.to(cond[key].device)]]) for key in cond}
+    out = predict(x_in, t_in, inputs)  # (N+G, C, *S)
+    pred_cond, pred_uncond = out[:n], out[n:]  # (N, C, *S), (G, C, *S)
     if guided.numel() == 0:
-        return eps_cond
+        return pred_cond
     scale = guidance_scale[guided].to(out.dtype).view(-1, *([1] * (x.dim() - 1)))  # (G, 1, ...)
-    eps = eps_cond.clone()
-    eps[guided] = eps_uncond + scale * (eps_cond[guided] - eps_uncond)
-    return eps
+    pred = pred_cond.clone()
+    pred[guided] = pred_uncond + scale * (pred_cond[guided] - pred_uncond)
+    return pred
 
 
 def filter_scheduler_state(scheduler: SchedulerMixin, keep: torch.Tensor, batch_size: int) -> None:
@@ -94,25 +96,25 @@ def filter_scheduler_state(scheduler: SchedulerMixin, keep: torch.Tensor, batch_
 
 
 def sample(
-    model_fn: ModelFn,
+    predict: PredictFn,
     scheduler: SchedulerMixin,
     latents: torch.Tensor,
-    class_labels: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
     guidance_scale: torch.Tensor,
     num_inference_steps: int,
-    null_class_id: int,
     on_step: StepCallback | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the whole denoising loop for a batch.
 
     Args:
-        model_fn: the transformer as (x, t, y) -> output.
+        predict: the family's transformer call.
         scheduler: a fresh scheduler (it is set up and stepped here).
         latents: (N, C, *S) initial noise.
-        class_labels: (N,) class ids.
+        cond: each row's conditional inputs, every value (N, ...).
+        uncond: each row's unconditional inputs.
         guidance_scale: (N,) CFG scales.
         num_inference_steps: denoising steps.
-        null_class_id: the unconditional class id.
         on_step: called after every step; returns which live rows go on (canceled rows leave).
 
     Returns:
@@ -121,16 +123,15 @@ def sample(
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
     rows = torch.arange(latents.shape[0])  # (M,) input index of each live row
-    latent_channels = latents.shape[1]
     for step, t in enumerate(timesteps):
         x = scheduler.scale_model_input(latents, t)  # (M, C, *S)
         t_rows = t.reshape(1).expand(x.shape[0]).to(x.device)  # (M,)
-        eps = cfg_denoise(model_fn, x, t_rows, class_labels, guidance_scale, null_class_id, latent_channels)
-        latents = scheduler.step(eps, t, latents).prev_sample  # (M, C, *S)
+        pred = cfg_denoise(predict, x, t_rows, cond, uncond, guidance_scale)
+        latents = scheduler.step(pred, t, latents).prev_sample  # (M, C, *S)
         keep = on_step(step + 1, len(timesteps), rows) if on_step else None
         if keep is not None and not bool(keep.all()):
             filter_scheduler_state(scheduler, keep.to(latents.device), latents.shape[0])
-            latents, class_labels = latents[keep], class_labels[keep]
+            latents, cond, uncond = latents[keep], select_rows(cond, keep), select_rows(uncond, keep)
             guidance_scale, rows = guidance_scale[keep], rows[keep.cpu()]
             if rows.numel() == 0:
                 break
@@ -138,22 +139,37 @@ def sample(
 
 
 @torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Decode latents to 8-bit RGB the way DiTPipeline does (scale, decode, [-1, 1] -> [0, 255], round).
-
-    Args:
-        vae: the model's VAE.
-        latents: (N, C, h, w) image latents or (N, C, F, h, w) video latents, decoded frame by frame.
+def generate(
+    model: LoadedModel,
+    conditions: list[RowCondition],
+    seeds: list[int],
+    guidance_scales: list[float],
+    num_inference_steps: int,
+    width: int,
+    height: int,
+    frames: int = 1,
+    scheduler: SchedulerMixin | None = None,
+    on_step: StepCallback | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise, conditions, the guided loop and decoding for one batch of rows of one model.
 
     Returns:
-        (N, H, W, 3) or (N, F, H, W, 3) uint8 on the CPU.
+        (M, H, W, 3) or (M, F, H, W, 3) uint8 pixels of the rows that finished, and (M,) their indices.
     """
-    video = latents.dim() == 5
-    if video:
-        n, c, f, h, w = latents.shape
-        latents = latents.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w)  # (N*F, C, h, w)
-    latents = latents / vae.config.scaling_factor
-    chunks = [vae.decode(chunk.to(vae.dtype)).sample for chunk in latents.split(VAE_DECODE_CHUNK)]
-    images = (torch.cat(chunks).float() / 2 + 0.5).clamp(0, 1)  # (N*F, 3, H, W)
-    pixels = (images.permute(0, 2, 3, 1).cpu() * 255).round().to(torch.uint8)  # (N*F, H, W, 3)
-    return pixels.reshape(n, f, *pixels.shape[1:]) if video else pixels
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    latents = initial_noise(generators, model.latent_shape(width, height, frames), model.device)
+    cond, uncond = model.conditions(conditions)
+    guidance = torch.tensor(guidance_scales, dtype=torch.float32, device=model.device)  # (N,)
+    latents, rows = sample(
+        model.predict,
+        scheduler or model.new_scheduler(),
+        latents,
+        cond,
+        uncond,
+        guidance,
+        num_inference_steps,
+        on_step,
+    )
+    if rows.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8), rows
+    return model.decode(latents), rows

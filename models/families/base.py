@@ -1,0 +1,108 @@
+"""What every served DiT family provides to the one batched CFG sampler (worker/sampling.py).
+
+A family adapter owns the parts in which DiT families differ: how a row's condition (a class id, or a
+prompt and negative prompt) becomes transformer inputs, how the transformer is called and its output
+trimmed (learned sigma), the latent shape of a size, and how latents become pixels. The denoising loop,
+CFG mixing, batching, progress and cancel are the sampler's and the same for all.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+# Model inputs besides the latents and timesteps, one row per output: every value is (N, ...).
+Conditioning = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RowCondition:
+    """What one output row is conditioned on."""
+
+    class_label: int | None = None
+    prompt: str | None = None
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """The sizes, frame counts and defaults clients may ask of a model (published in GET /v1/models)."""
+
+    sizes: list[str]  # "WxH" sizes always accepted; the first is the default
+    default_steps: int
+    default_guidance: float
+    size_multiple: int | None = None  # when set, any WxH with both sides multiples of it ...
+    max_pixels: int | None = None  # ... and W*H at most this is accepted too
+    max_frames: int | None = None  # videos only
+    default_frames: int | None = None
+    frames_multiple: int = 1  # num_frames - 1 must be a multiple of this (temporal VAE compression)
+
+
+class LoadedModel(ABC):
+    """A model's components on their device, and its family's way of driving them."""
+
+    family: str
+    kind: str  # "image" | "video"
+    conditioning: str
+
+    def __init__(self, name: str, path: Path, components: dict[str, Any], index: dict[str, Any]):
+        self.name = name
+        self.path = path
+        # diffusers modules, typed Any: their `config` attributes are dynamic.
+        self.transformer: Any = components["transformer"]
+        self.vae: Any = components["vae"]
+        self.scheduler: SchedulerMixin = components["scheduler"]
+        self.index = index
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names by id, for class-conditional models."""
+        return None
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    def new_scheduler(self) -> SchedulerMixin:
+        """A fresh scheduler per batch: schedulers keep per-run state (timesteps, multistep history)."""
+        return type(self.scheduler).from_config(self.scheduler.config)
+
+    @abstractmethod
+    def limits(self) -> ServingLimits:
+        """What clients may ask of this model."""
+
+    @abstractmethod
+    def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
+        """One row's latent shape: (C, h, w) for images, (C, f, h, w) for videos."""
+
+    @abstractmethod
+    def conditions(self, rows: list[RowCondition]) -> tuple[Conditioning, Conditioning]:
+        """The conditional and unconditional model inputs of every row (same keys, same shapes)."""
+
+    @abstractmethod
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The transformer's prediction on the latent channels: x (B, C, *S), t (B,) -> (B, C, *S) fp32."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, *S) to 8-bit RGB on the CPU: (N, H, W, 3) or (N, F, H, W, 3)."""
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] decoder output, channels second, to rounded 8-bit channels-last on the CPU.
+
+    This is diffusers' postprocessing ((x / 2 + 0.5).clamp(0, 1), then * 255 and round in numpy_to_pil).
+    """
+    pixels = (images.float() / 2 + 0.5).clamp(0, 1)  # (N, 3, ...)
+    return (pixels.movedim(1, -1).cpu() * 255).round().to(torch.uint8)  # (N, ..., 3)
