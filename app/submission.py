@@ -7,8 +7,8 @@ import uuid
 
 from app.errors import InvalidRequest, ServiceUnavailable
 from app.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
-from dit_serve.catalog import TEXT_CONDITIONING, ModelSpec
-from dit_serve.jobs import JobKind, RecordField, compat_key
+from dit_serve.catalog import ModelSpec
+from dit_serve.jobs import TEXT_CONDITIONING, JobKind, RecordField, compat_key
 from dit_serve.labels import UnknownLabelError, label_id
 
 

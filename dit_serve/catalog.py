@@ -6,10 +6,8 @@ import time
 from pydantic import BaseModel
 from redis import Redis
 
-from dit_serve.jobs import KEY_PREFIX
+from dit_serve.jobs import CLASS_CONDITIONING, KEY_PREFIX
 
-CLASS_CONDITIONING = "class"
-TEXT_CONDITIONING = "text"
 WORKERS_KEY = f"{KEY_PREFIX}:workers"  # sorted set: worker name -> unix time its registration expires
 
 

@@ -11,6 +11,9 @@ from enum import StrEnum
 from typing import Any
 
 KEY_PREFIX = "dit"
+# How a model reads a request's condition (published per model in GET /v1/models):
+CLASS_CONDITIONING = "class"  # prompts name labels of the checkpoint's id2label, or class_labels
+TEXT_CONDITIONING = "text"  # free-text prompt and negative_prompt through a text encoder
 # What RQ would call if a stock `rq worker` took one of our jobs: it explains itself and fails.
 TASK_FUNCTION = "worker.rq_task.run"
 

@@ -26,6 +26,7 @@ COPY worker ./worker
 COPY models ./models
 COPY dit_serve ./dit_serve
 COPY evaluation ./evaluation
+COPY bench ./bench
 RUN pip install --no-cache-dir --no-deps .
 
 # ---- runtime ----

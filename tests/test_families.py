@@ -184,3 +184,56 @@ def test_an_unknown_pipeline_is_refused_with_the_supported_list(
         ModelLoadError, match=r"StableDiffusionPipeline is not a supported DiT family.*WanPipeline"
     ):
         load_model("sd", copy, CPU)
+
+
+def test_dit_xl_2_layout_with_the_legacy_transformer_class_loads_as_dit(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """facebook/DiT-XL-2-256 names its transformer Transformer2DModel, in model_index and config."""
+    import json
+    import shutil
+
+    copy = shutil.copytree(model_dirs["img"], tmp_path / "dit-xl-layout")
+    for file, key in (
+        (copy / "model_index.json", "transformer"),
+        (copy / "transformer" / "config.json", None),
+    ):
+        data = json.loads(file.read_text())
+        if key:
+            data[key] = ["diffusers", "Transformer2DModel"]
+        else:
+            data["_class_name"] = "Transformer2DModel"
+        file.write_text(json.dumps(data))
+    legacy, original = load_model("xl", copy, CPU), load_model("img", model_dirs["img"], CPU)
+    assert (legacy.family, legacy.kind, type(legacy.transformer).__name__) == (
+        "dit",
+        "image",
+        "DiTTransformer2DModel",
+    )
+    assert np.array_equal(_ours(legacy, CLASS_REQUESTS[:1]), _ours(original, CLASS_REQUESTS[:1]))
+
+
+@pytest.mark.parametrize("key", ["pixart-sigma", "wan"])
+def test_a_row_leaving_mid_loop_leaves_the_others_unchanged(key: str, model_dirs: dict[str, Path]) -> None:
+    """Cancel at a step boundary drops the row from the conditions and the multistep solver's history."""
+    model = load_model(key, model_dirs[key], CPU)
+    requests = TEXT_REQUESTS[:3]
+    full = _ours(model, requests)
+
+    def drop_row_1_after_step_3(done: int, total: int, rows: torch.Tensor) -> torch.Tensor | None:
+        return (rows != 1) if done == 3 else None
+
+    frames = VIDEO_FRAMES if model.kind == "video" else 1
+    pixels, rows = generate(
+        model,
+        [condition for condition, _, _ in requests],
+        [seed for _, seed, _ in requests],
+        [guidance for _, _, guidance in requests],
+        STEPS,
+        32,
+        32,
+        frames,
+        on_step=drop_row_1_after_step_3,
+    )
+    assert rows.tolist() == [0, 2]
+    assert np.abs(pixels.numpy().astype(int) - full[[0, 2]]).max() <= MAX_PIXEL_DIFF

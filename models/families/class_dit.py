@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dit_serve.catalog import CLASS_CONDITIONING
+from dit_serve.jobs import CLASS_CONDITIONING
 from models.families.base import (
     Conditioning,
     LoadedModel,

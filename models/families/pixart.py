@@ -18,7 +18,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 
-from dit_serve.catalog import TEXT_CONDITIONING
+from dit_serve.jobs import TEXT_CONDITIONING
 from models.families.base import Conditioning, LoadedModel, RowCondition, ServingLimits
 from models.families.kl_vae import decode_kl
 from models.families.text import encode_texts

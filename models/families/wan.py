@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from dit_serve.catalog import TEXT_CONDITIONING
+from dit_serve.jobs import TEXT_CONDITIONING
 from models.families.base import (
     Conditioning,
     LoadedModel,

@@ -1,0 +1,1 @@
+"""Benchmarks: what the service costs and how fast it runs, measured, never assumed."""
