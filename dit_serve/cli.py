@@ -29,6 +29,12 @@ COMMON_FLAGS = [
     ("--storage", "storage", "output storage: local or s3 (DIT_STORAGE)"),
     ("--device", "device", "auto, cpu or cuda (DIT_DEVICE, default auto)"),
     ("--dtype", "dtype", "fp32, fp16 or bf16 for every model (DIT_DTYPE, default fp32)"),
+    (
+        "--compile",
+        "compile",
+        "torch.compile the transformer blocks: none, default, reduce-overhead (CUDA graphs) or "
+        "max-autotune-no-cudagraphs (DIT_COMPILE, default none)",
+    ),
     ("--max-batch", "max_batch", "most outputs sampled in one batch (DIT_MAX_BATCH, default 16)"),
     (
         "--max-wait-ms",

@@ -21,6 +21,15 @@ class Dtype(StrEnum):
     BF16 = "bf16"
 
 
+class CompileMode(StrEnum):
+    """torch.compile of each model's repeated transformer blocks (regional compilation)."""
+
+    NONE = "none"  # eager PyTorch: the safe default, no compile time
+    DEFAULT = "default"  # Inductor's fused kernels
+    REDUCE_OVERHEAD = "reduce-overhead"  # ... replayed as CUDA graphs (fewer kernel launches)
+    MAX_AUTOTUNE = "max-autotune-no-cudagraphs"  # ... with autotuned matmuls (long compile)
+
+
 class StorageBackend(StrEnum):
     LOCAL = "local"
     S3 = "s3"
@@ -49,6 +58,7 @@ class Settings(BaseSettings):
     default_model: str | None = None
     device: Device = Device.AUTO
     dtype: Dtype = Dtype.FP32  # weights and sampling dtype for every model of a worker
+    compile: CompileMode = CompileMode.NONE
     max_batch: int = Field(16, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0, le=60_000)
     worker_name: str | None = None

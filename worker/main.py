@@ -14,6 +14,7 @@ from dit_serve.storage import storage_from_settings
 from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 from models.loading import LoadedModel, ModelLoadError, load_model
 from models.sources import resolve_source
+from worker.acceleration import accelerate
 from worker.runner import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,15 @@ def load_models(settings: Settings, device: torch.device) -> dict[str, LoadedMod
     sources = parse_model_sources(settings.models) or default_model_sources()
     dtype = TORCH_DTYPES[settings.dtype]
     try:
-        return {
+        models = {
             name: load_model(name, resolve_source(name, source), device, dtype)
             for name, source in sources.items()
         }
     except ModelLoadError as exc:
         raise SystemExit(str(exc)) from exc
+    for model in models.values():
+        accelerate(model, settings.compile)
+    return models
 
 
 def run_worker(settings: Settings) -> None:

@@ -36,6 +36,11 @@ def initial_noise(
     return torch.cat(rows).to(device)  # (N, *shape)
 
 
+def guided_rows(guidance_scale: torch.Tensor) -> torch.Tensor:
+    """(G,) indices of the rows that get CFG. Computed once per batch: `nonzero` waits for the GPU."""
+    return (guidance_scale > NO_GUIDANCE_AT_OR_BELOW).nonzero().squeeze(1)
+
+
 def select_rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:
     return {key: value[rows.to(value.device)] for key, value in cond.items()}
 
@@ -47,6 +52,7 @@ def cfg_denoise(
     cond: Conditioning,
     uncond: Conditioning,
     guidance_scale: torch.Tensor,
+    guided: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One guided prediction for a batch with per-row guidance scales.
 
@@ -60,12 +66,13 @@ def cfg_denoise(
         cond: each row's conditional inputs, every value (N, ...).
         uncond: each row's unconditional inputs, same keys and shapes.
         guidance_scale: (N,) CFG scales.
+        guided: guided_rows(guidance_scale), when the caller has it already.
 
     Returns:
         (N, C, *S) prediction.
     """
     n = x.shape[0]
-    guided = (guidance_scale > NO_GUIDANCE_AT_OR_BELOW).nonzero().squeeze(1)  # (G,)
+    guided = guided_rows(guidance_scale) if guided is None else guided  # (G,)
     x_in = torch.cat([x, x[guided]])  # (N+G, C, *S)
     t_in = torch.cat([t, t[guided]])  # (N+G,)
     inputs = {key: torch.cat([cond[key], uncond[key][guided.to(cond[key].device)]]) for key in cond}
@@ -123,16 +130,18 @@ def sample(
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
     rows = torch.arange(latents.shape[0])  # (M,) input index of each live row
+    guided = guided_rows(guidance_scale)  # (G,)
     for step, t in enumerate(timesteps):
         x = scheduler.scale_model_input(latents, t)  # (M, C, *S)
         t_rows = t.reshape(1).expand(x.shape[0]).to(x.device)  # (M,)
-        pred = cfg_denoise(predict, x, t_rows, cond, uncond, guidance_scale)
+        pred = cfg_denoise(predict, x, t_rows, cond, uncond, guidance_scale, guided)
         latents = scheduler.step(pred, t, latents).prev_sample  # (M, C, *S)
         keep = on_step(step + 1, len(timesteps), rows) if on_step else None
         if keep is not None and not bool(keep.all()):
             filter_scheduler_state(scheduler, keep.to(latents.device), latents.shape[0])
             latents, cond, uncond = latents[keep], select_rows(cond, keep), select_rows(uncond, keep)
             guidance_scale, rows = guidance_scale[keep], rows[keep.cpu()]
+            guided = guided_rows(guidance_scale)
             if rows.numel() == 0:
                 break
     return latents, rows
