@@ -127,7 +127,9 @@ def sample(
     Returns:
         (M, C, *S) denoised latents of the rows that finished, and (M,) their indices into the input.
     """
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    # Timesteps stay on the CPU, as DiTPipeline keeps them: schedulers index their CPU tables with
+    # them and branch on them, which with GPU timesteps costs a device-to-host sync every step.
+    scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps
     rows = torch.arange(latents.shape[0])  # (M,) input index of each live row
     guided = guided_rows(guidance_scale)  # (G,)

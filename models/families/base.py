@@ -105,4 +105,5 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     This is diffusers' postprocessing ((x / 2 + 0.5).clamp(0, 1), then * 255 and round in numpy_to_pil).
     """
     pixels = (images.float() / 2 + 0.5).clamp(0, 1)  # (N, 3, ...)
-    return (pixels.movedim(1, -1).cpu() * 255).round().to(torch.uint8)  # (N, ..., 3)
+    # Rounded on the device and copied as bytes: a quarter of the float32 transfer.
+    return (pixels * 255).round().to(torch.uint8).movedim(1, -1).cpu()  # (N, ..., 3)
