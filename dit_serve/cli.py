@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--device", default="cpu", help="cpu (the recorded recipe) or cuda (same data and noise)"
     )
+    commands.add_parser(
+        "bench", help="the service against one-call-per-request DiTPipeline and raw batches (see --help)"
+    )
     evaluate = commands.add_parser(
         "eval", help="score the bundled models' label accuracy through the real sampler"
     )
@@ -188,6 +191,12 @@ def run_up(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own flags: `dit-serve bench --help`
+        from bench.service import main as run_bench
+
+        run_bench(argv[1:])
+        return
     args = _parser().parse_args(argv)
     if args.command in ("train", "eval"):
         _setup_logging("info")

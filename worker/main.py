@@ -19,6 +19,9 @@ from worker.runner import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
+# Well above the worker's longest blocking call (a 1 s wait on the wake list); redis-py's default is 5 s.
+REDIS_SOCKET_TIMEOUT_S = 10.0
+
 
 def resolve_device(device: Device) -> torch.device:
     if device is Device.CUDA and not torch.cuda.is_available():
@@ -100,7 +103,8 @@ def run_worker(settings: Settings) -> None:
         reap_interval_s=settings.reap_interval_s,
         job_ttl_s=settings.job_ttl_s,
     )
-    worker = Worker(config, Redis.from_url(settings.redis_url), models, storage)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    worker = Worker(config, redis, models, storage)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: finishing the current batch, then stopping", signum)

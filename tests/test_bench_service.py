@@ -1,0 +1,37 @@
+"""`dit-serve bench` in its short form: naive, ideal and the real service, one run, JSON and a plot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+
+def test_short_benchmark_reports_every_scenario(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    command = [sys.executable, "-m", "dit_serve.cli", "bench", "--model-dir", str(model_dirs["img"])]
+    command += ["--requests", "6", "--concurrency", "1", "3", "--poisson", "0.5", "--batch", "3"]
+    command += ["--steps", "3", "--max-wait-ms", "200", "--json", str(out), "--plot", str(plot)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["scenario"], r["parameter"]) for r in results][:4] == [
+        ("naive", 1),
+        ("ideal", 3),
+        ("closed", 1),
+        ("closed", 3),
+    ]
+    assert results[4]["scenario"] == "poisson"
+    # the open-loop rate is half the best closed-loop throughput
+    saturated = max(r["images_per_second"] for r in results if r["scenario"] == "closed")
+    assert abs(results[4]["parameter"] - 0.5 * saturated) < 0.01
+    for r in results:
+        assert r["requests"] == 6 and r["images_per_second"] > 0
+        assert 0 < r["p50_s"] <= r["p95_s"] <= r["p99_s"]
+    alone, three = results[2], results[3]
+    assert alone["batches"] == 6 and three["batches"] < 6  # three clients at once share batches
+    assert alone["server_p50_s"] <= alone["p50_s"]  # the server's part is inside the client's latency
+    with Image.open(plot) as picture:
+        assert picture.size[0] > 500 and picture.size[1] > 200
+    assert "| service, 3 closed-loop clients |" in done.stdout
