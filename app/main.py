@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
 from app.errors import install_error_handlers
@@ -37,6 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     redis = Redis.from_url(
         settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
     )
+    # For `GET /v1/jobs/{id}?wait=`: blocking waits on an asyncio client hold no worker thread.
+    waits = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
     stop = threading.Event()
 
     @asynccontextmanager
@@ -48,10 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         stop.set()
         redis.close()
+        await waits.aclose()
 
     app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.redis = redis
+    app.state.waits = waits
     app.state.storage = storage_from_settings(settings)
     app.state.metrics = APIMetrics(redis)
     app.middleware("http")(app.state.metrics.middleware)

@@ -78,6 +78,11 @@ def queue_name(model: str) -> str:
     return f"dit-serve.{model}"
 
 
+def ended_key(job_id: str) -> str:
+    """A list that gets an entry when a job ends, so `GET /v1/jobs/{id}?wait=` can block on it."""
+    return f"{KEY_PREFIX}:ended:{job_id}"
+
+
 def wake_key(queue: str) -> str:
     """A list the API pushes to after an enqueue, so idle workers block on it instead of polling."""
     return f"{KEY_PREFIX}:wake:{queue}"

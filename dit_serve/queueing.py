@@ -15,6 +15,7 @@ from dit_serve.jobs import (
     KEY_PREFIX,
     TASK_FUNCTION,
     RecordField,
+    ended_key,
     queue_name,
     record_key,
     rq_job_key,
@@ -28,7 +29,7 @@ MAX_WAKE_TOKENS = 64
 REAPER_LOCK_KEY = f"{KEY_PREFIX}:reaper-lock"
 REAPER_LOCK_MS = 1000  # at most one reaping pass per second across all processes
 
-# KEYS: rq job, our record, the queue list, the canceled registry.
+# KEYS: rq job, our record, the queue list, the canceled registry, the job's ended list.
 # ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds.
 _CANCEL_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -40,6 +41,8 @@ if status == 'queued' or status == 'scheduled' or status == 'deferred' or status
   redis.call('HSET', KEYS[2], 'completed_at', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('RPUSH', KEYS[5], '1')
+  redis.call('EXPIRE', KEYS[5], ARGV[5])
   return 'canceled'
 elseif status == 'started' then
   redis.call('HSET', KEYS[2], 'cancel', '1')
@@ -86,7 +89,7 @@ def cancel_job(redis: Redis, job_id: str, model: str, ttl_s: int) -> CancelOutco
     canceled = CanceledJobRegistry(name, connection=redis)
     now = time.time()
     result = redis.register_script(_CANCEL_SCRIPT)(
-        keys=[rq_job_key(job_id), record_key(job_id), queue.key, canceled.key],
+        keys=[rq_job_key(job_id), record_key(job_id), queue.key, canceled.key, ended_key(job_id)],
         args=[job_id, rq_timestamp(now), now + ttl_s, now, ttl_s],
     )
     return result.decode() if isinstance(result, bytes) else str(result)

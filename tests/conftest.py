@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,22 +171,30 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout_s} s, wanted {statuses}")
 
 
+@contextmanager
+def running_service(
+    redis_url: str, tmp: Path, models: dict[str, Path], env: dict[str, str] | None = None, **worker_env: str
+) -> Iterator[Service]:
+    """An API and one worker on an emptied Redis database, stopped (and the database emptied) after."""
+    Redis.from_url(redis_url).flushdb()
+    svc = Service(redis_url, tmp, models, env or {})
+    try:
+        svc.start_api()
+        svc.start_worker(**worker_env)
+        yield svc
+    finally:
+        svc.stop()
+        Redis.from_url(redis_url).flushdb()
+
+
 @pytest.fixture(scope="module")
 def service(
     redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
     """API + one worker serving the fast tiny models (module-scoped: started once per test file)."""
-    Redis.from_url(redis_url).flushdb()
-    svc = Service(
-        redis_url, tmp_path_factory.mktemp("service"), {"img": model_dirs["img"], "vid": model_dirs["vid"]}
-    )
-    try:
-        svc.start_api()
-        svc.start_worker()
+    models = {"img": model_dirs["img"], "vid": model_dirs["vid"]}
+    with running_service(redis_url, tmp_path_factory.mktemp("service"), models) as svc:
         yield svc
-    finally:
-        svc.stop()
-        Redis.from_url(redis_url).flushdb()
 
 
 # --- a real S3 endpoint: moto's server mode over HTTP -------------------------------------------

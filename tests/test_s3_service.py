@@ -5,9 +5,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from redis import Redis
 
-from tests.conftest import BUCKET, REGION, Service, wait_for_status
+from tests.conftest import BUCKET, REGION, Service, running_service, wait_for_status
 
 pytestmark = pytest.mark.slow
 PREFIX = "e2e"
@@ -17,21 +16,15 @@ PREFIX = "e2e"
 def s3_service(
     redis_url: str, model_dirs: dict[str, Path], moto_endpoint: str, tmp_path: Path
 ) -> Iterator[Service]:
-    Redis.from_url(redis_url).flushdb()
     s3 = {
         "DIT_STORAGE": "s3",
         "DIT_S3_BUCKET": BUCKET,
         "DIT_S3_PREFIX": PREFIX,
         "DIT_S3_ENDPOINT_URL": moto_endpoint,
     }
-    svc = Service(redis_url, tmp_path, {"img": model_dirs["img"]}, {**s3, "DIT_S3_REGION": REGION})
-    try:
-        svc.start_api()
-        svc.start_worker()
+    env = {**s3, "DIT_S3_REGION": REGION}
+    with running_service(redis_url, tmp_path, {"img": model_dirs["img"]}, env) as svc:
         yield svc
-    finally:
-        svc.stop()
-        Redis.from_url(redis_url).flushdb()
 
 
 def test_outputs_go_to_s3_and_come_back_through_the_api(s3_service: Service, moto_endpoint: str) -> None:

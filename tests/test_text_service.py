@@ -17,7 +17,7 @@ from diffusers import PixArtSigmaPipeline
 from PIL import Image
 from redis import Redis
 
-from tests.conftest import Service, wait_for_status
+from tests.conftest import Service, running_service, wait_for_status
 from tests.test_api_validation import _queued_state
 
 MAX_PIXEL_DIFF = 2  # out of 255: the worker's batched fp32 CPU sampling vs one pipeline call
@@ -34,16 +34,11 @@ PROMPTS = [
 def text_service(
     redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    Redis.from_url(redis_url).flushdb()
     models = {"pixart": model_dirs["pixart-sigma"], "wan": model_dirs["wan"], "img": model_dirs["img"]}
-    svc = Service(redis_url, tmp_path_factory.mktemp("text-service"), models)
-    try:
-        svc.start_api()
-        svc.start_worker(DIT_MAX_WAIT_MS="500")  # long enough for four concurrent posts to share a batch
+    tmp = tmp_path_factory.mktemp("text-service")
+    # A 500 ms batch-filling wait: long enough for four concurrent posts to share a batch.
+    with running_service(redis_url, tmp, models, DIT_MAX_WAIT_MS="500") as svc:
         yield svc
-    finally:
-        svc.stop()
-        Redis.from_url(redis_url).flushdb()
 
 
 def test_models_endpoint_describes_text_families(text_service: Service) -> None:

@@ -15,7 +15,7 @@ from redis import Redis
 from rq import Queue
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from dit_serve.jobs import JobError, RecordField, record_key, rq_job_key, wake_key
+from dit_serve.jobs import JobError, RecordField, ended_key, record_key, rq_job_key, wake_key
 from dit_serve.queueing import rq_timestamp
 from worker.batching import JobTicket
 
@@ -65,7 +65,7 @@ return taken
 """
 
 # Settle a held job: only if it is still started and still ours (a reaped and requeued job is not).
-# KEYS: rq job, record, StartedJobRegistry, target registry.
+# KEYS: rq job, record, StartedJobRegistry, target registry, the job's ended list.
 # ARGV: job id, execution id, RQ status, RQ now, registry score, unix now, ttl, then field/value pairs.
 _SETTLE_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -77,6 +77,8 @@ redis.call('HSET', KEYS[2], 'completed_at', ARGV[6])
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
+redis.call('RPUSH', KEYS[5], '1')
+redis.call('EXPIRE', KEYS[5], ARGV[7])
 return 1
 """
 
@@ -175,6 +177,7 @@ class JobQueue:
                 record_key(ticket.job_id),
                 self._started(ticket.queue).key,
                 registry_key,
+                ended_key(ticket.job_id),
             ],
             args=[
                 ticket.job_id,

@@ -1,22 +1,46 @@
 """GET /v1/jobs/{id}, GET /v1/jobs/{id}/outputs/{index}, DELETE /v1/jobs/{id}."""
 
-from fastapi import APIRouter, Response
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from app.deps import RedisDep, SettingsDep, StorageDep
 from app.errors import Conflict, NotFound
 from app.schemas import JobBody
 from app.views import job_body, read_record, stored_output
-from dit_serve.jobs import RecordField
+from dit_serve.jobs import RecordField, ended_key
 from dit_serve.queueing import cancel_job
 from dit_serve.storage import OutputNotFoundError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
+MAX_WAIT_S = 60.0
+WAIT_SLICE_S = 1.0  # look at the job again at least this often while waiting (a reaped job signals nothing)
+ENDED = {"completed", "failed", "canceled"}
+
+
 @router.get("/{job_id}")
-def get_job(job_id: str, redis: RedisDep) -> JobBody:
-    """A job's status, progress and outputs."""
-    return job_body(redis, job_id)
+async def get_job(
+    job_id: str,
+    request: Request,
+    redis: RedisDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the job to end")] = 0,
+) -> JobBody:
+    """A job's status, progress and outputs; with `wait`, answered once it ends or `wait` s pass.
+
+    Workers and the API push to the job's `ended` list when it ends, so a waiting request wakes at
+    once; BLMOVE from the list to itself leaves the entry for every other waiter.
+    """
+    body = await run_in_threadpool(job_body, redis, job_id)
+    deadline = time.monotonic() + wait
+    while body.status not in ENDED and (remaining := deadline - time.monotonic()) > 0:
+        key = ended_key(job_id)
+        await request.app.state.waits.blmove(key, key, min(remaining, WAIT_SLICE_S), "RIGHT", "LEFT")
+        body = await run_in_threadpool(job_body, redis, job_id)
+    return body
 
 
 @router.get("/{job_id}/outputs/{index}")
