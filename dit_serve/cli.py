@@ -41,6 +41,12 @@ COMMON_FLAGS = [
         "max_wait_ms",
         "wait for more jobs after the first of a batch (DIT_MAX_WAIT_MS, default 20)",
     ),
+    (
+        "--batching",
+        "batching",
+        "static, or continuous: jobs join a running batch at step boundaries, for models with a DDIM "
+        "scheduler (DIT_BATCHING, default static)",
+    ),
     ("--default-model", "default_model", "model used when a request names none (DIT_DEFAULT_MODEL)"),
     ("--log-level", "log_level", "debug, info, warning (DIT_LOG_LEVEL)"),
 ]

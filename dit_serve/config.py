@@ -30,6 +30,11 @@ class CompileMode(StrEnum):
     MAX_AUTOTUNE = "max-autotune-no-cudagraphs"  # ... with autotuned matmuls (long compile)
 
 
+class Batching(StrEnum):
+    STATIC = "static"  # a batch runs start to end; later jobs wait for the next one
+    CONTINUOUS = "continuous"  # jobs join a running batch at step boundaries (DDIM models)
+
+
 class StorageBackend(StrEnum):
     LOCAL = "local"
     S3 = "s3"
@@ -61,6 +66,7 @@ class Settings(BaseSettings):
     compile: CompileMode = CompileMode.NONE
     max_batch: int = Field(16, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0, le=60_000)
+    batching: Batching = Batching.STATIC
     worker_name: str | None = None
 
     # Crash safety: a held job whose heartbeat is older than heartbeat_ttl_s goes back to the queue

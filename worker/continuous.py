@@ -141,6 +141,10 @@ class RunningBatch:
         self.latents = ddim_step(self.table, pred, timesteps, self.latents)
         self.positions += 1
 
+    def steps_done(self) -> dict[int, int]:
+        """Each row's steps done, by id."""
+        return dict(zip(self.ids, self.positions.tolist(), strict=True))
+
     def finished(self) -> list[int]:
         """Ids of the rows that have done all their steps."""
         return [
@@ -168,3 +172,12 @@ class RunningBatch:
 
 def _cat(old: Conditioning, new: Conditioning) -> Conditioning:
     return {key: torch.cat([old[key], value]) if key in old else value for key, value in new.items()}
+
+
+def supports_continuous(model: LoadedModel) -> bool:
+    """Whether the model's scheduler has a per-row step here (DDIM, deterministic)."""
+    try:
+        ddim_table(model.scheduler, 1)
+    except UnsupportedScheduler:
+        return False
+    return True

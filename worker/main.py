@@ -9,7 +9,7 @@ import uuid
 import torch
 from redis import Redis
 
-from dit_serve.config import Device, Dtype, Settings
+from dit_serve.config import Batching, Device, Dtype, Settings
 from dit_serve.storage import storage_from_settings
 from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 from models.loading import LoadedModel, ModelLoadError, load_model
@@ -102,6 +102,7 @@ def run_worker(settings: Settings) -> None:
         heartbeat_ttl_s=settings.heartbeat_ttl_s,
         reap_interval_s=settings.reap_interval_s,
         job_ttl_s=settings.job_ttl_s,
+        continuous=settings.batching is Batching.CONTINUOUS,
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
     worker = Worker(config, redis, models, storage)

@@ -24,6 +24,8 @@ from dit_serve.queueing import reap_lost_jobs
 from dit_serve.storage import Storage
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
+from worker.continuous import supports_continuous
+from worker.continuous_run import ContinuousRun
 from worker.outputs import store_outputs
 from worker.queue import JobQueue, new_execution_id
 from worker.sampling import generate
@@ -46,6 +48,7 @@ class WorkerConfig:
     heartbeat_ttl_s: int
     reap_interval_s: float
     job_ttl_s: int
+    continuous: bool = False  # step-level continuous batching where the model's scheduler allows
 
 
 def model_spec(model: LoadedModel) -> ModelSpec:
@@ -135,11 +138,11 @@ class Worker:
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
-    def _hold(self, tickets: list[JobTicket]) -> None:
+    def hold(self, tickets: list[JobTicket]) -> None:
         with self._held_lock:
             self._held.update((ticket.job_id, ticket) for ticket in tickets)
 
-    def _release(self, job_ids: set[str] | list[str]) -> None:
+    def release(self, job_ids: set[str] | list[str]) -> None:
         with self._held_lock:
             for job_id in job_ids:
                 self._held.pop(job_id, None)
@@ -147,15 +150,20 @@ class Worker:
     # -- one batch ---------------------------------------------------------------------------------
     def run_once(self) -> bool:
         """Take and run one batch; returns False when there was nothing to do."""
-        tickets = self._take_batch()
-        if not tickets:
+        taken = self._take_first()
+        if not taken:
             self.queue.wait_for_work(self.models, IDLE_WAIT_S)
             return False
-        self._run_batch(Batch.from_tickets(tickets))
+        queue, tickets, execution = taken
+        if self.config.continuous and supports_continuous(self.models[queue]):
+            # No batch-filling wait: later jobs join the running batch at its next step.
+            ContinuousRun(self, queue).run(tickets)
+        else:
+            self._run_batch(Batch.from_tickets(self._fill(queue, tickets, execution)))
         return True
 
-    def _take_batch(self) -> list[JobTicket]:
-        """Up to max_batch compatible outputs, waiting at most max_wait_ms after the first job."""
+    def _take_first(self) -> tuple[str, list[JobTicket], str] | None:
+        """The head of the next non-empty queue (round robin), with what is compatible behind it."""
         execution = new_execution_id()
         names = list(self.models)
         for offset in range(len(names)):
@@ -164,9 +172,23 @@ class Worker:
             if tickets:
                 break
         else:
-            return []
+            return None
         self._next_queue = (names.index(queue) + 1) % len(names)
-        self._hold(tickets)
+        self.hold(tickets)
+        return queue, tickets, execution
+
+    def other_queues_waiting(self, queue: str) -> bool:
+        """Whether any other queue this worker serves has jobs waiting."""
+        others = [self.queue.queues[name].key for name in self.models if name != queue]
+        if not others:
+            return False
+        with self.redis.pipeline() as pipe:
+            for key in others:
+                pipe.llen(key)
+            return any(pipe.execute())
+
+    def _fill(self, queue: str, tickets: list[JobTicket], execution: str) -> list[JobTicket]:
+        """Up to max_batch compatible outputs, waiting at most max_wait_ms after the first job."""
         total = sum(ticket.num_outputs for ticket in tickets)
         deadline = time.monotonic() + self.config.max_wait_ms / 1000
         while total < self.config.max_batch and (remaining := deadline - time.monotonic()) > 0:
@@ -182,7 +204,7 @@ class Worker:
                     "redis failed while filling a batch (%s); running the %d jobs taken", exc, len(tickets)
                 )
                 break
-            self._hold(more)
+            self.hold(more)
             tickets += more
             total += sum(ticket.num_outputs for ticket in more)
         return tickets
@@ -194,7 +216,7 @@ class Worker:
             self._finish_batch(batch)
         finally:
             # Whatever happened, stop heartbeating these jobs: one not settled is reaped and requeued.
-            self._release(job_ids)
+            self.release(job_ids)
 
     def _finish_batch(self, batch: Batch) -> None:
         try:
@@ -203,7 +225,7 @@ class Worker:
             log.exception("sampling failed for batch %s", batch.compat)
             error = JobError("sampling_failed", f"sampling failed on worker {self.config.name}: {exc}")
             for ticket in batch.jobs.values():
-                self._settle(partial(self.queue.fail, ticket, error))
+                self.settle(partial(self.queue.fail, ticket, error))
             return
         for job_id, ticket in batch.jobs.items():
             if job_id in canceled:
@@ -213,12 +235,12 @@ class Worker:
             except Exception as exc:
                 log.exception("storing outputs of job %s failed", job_id)
                 error = JobError("storage_failed", f"could not store the outputs: {exc}")
-                self._settle(partial(self.queue.fail, ticket, error))
+                self.settle(partial(self.queue.fail, ticket, error))
                 continue
-            if not self._settle(partial(self.queue.complete, ticket, outputs)):
+            if not self.settle(partial(self.queue.complete, ticket, outputs)):
                 log.warning("job %s was taken back from this worker before it finished", job_id)
 
-    def _settle(self, settle: Callable[[], bool]) -> bool:
+    def settle(self, settle: Callable[[], bool]) -> bool:
         """Record a job's end, retrying while Redis is down (the heartbeat keeps the job ours meanwhile)."""
         deadline = time.monotonic() + SETTLE_RETRY_S
         while True:
@@ -250,7 +272,7 @@ class Worker:
                 self.queue.cancel(batch.jobs[job_id])
                 canceled.add(job_id)
                 log.info("job %s canceled at step %d/%d", job_id, done, total)
-            self._release(asked)
+            self.release(asked)
             return torch.tensor([job_id not in canceled for job_id in live]) if asked else None
 
         pixels_out, rows = generate(

@@ -1,0 +1,62 @@
+"""Continuous batching in a real worker: a job joins a running batch mid-flight, unchanged by it."""
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import Service, running_service, wait_for_status
+
+MAX_PIXEL_DIFF = 1  # out of 255
+LONG = {"class_labels": [3], "n": 8, "num_inference_steps": 100, "seed": 100}
+JOINER = {"class_labels": [17], "num_inference_steps": 100, "seed": 7, "guidance_scale": 6.0}
+
+
+@pytest.fixture(scope="module")
+def continuous_service(
+    redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("continuous")
+    with running_service(redis_url, tmp, {"img": model_dirs["img"]}, DIT_BATCHING="continuous") as svc:
+        yield svc
+
+
+def _png(service: Service, job: dict, index: int = 0) -> np.ndarray:
+    with service.client() as client:
+        data = client.get(job["outputs"][index]["url"]).content
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+def test_a_job_joins_a_running_batch_and_matches_its_solo_run(continuous_service: Service) -> None:
+    with continuous_service.client() as client:
+        long_job = client.post("/v1/images", json=LONG).json()
+        wait_for_status(client, long_job["id"], {"in_progress"}, timeout_s=30)
+        joiner = client.post("/v1/images", json=JOINER).json()
+        joined = client.get(f"/v1/jobs/{joiner['id']}", params={"wait": 60}).json()
+        long_done = client.get(f"/v1/jobs/{long_job['id']}", params={"wait": 60}).json()
+        assert joined["status"] == long_done["status"] == "completed"
+        # it started while the long job was still denoising: it did not wait for the batch to end
+        assert joined["started_at"] < long_done["completed_at"]
+        assert long_done["progress"] == 100 and len(long_done["outputs"]) == 8
+        # the same request alone, now that nothing else runs
+        alone = client.post("/v1/images", json=JOINER).json()
+        alone = client.get(f"/v1/jobs/{alone['id']}", params={"wait": 60}).json()
+    diff = np.abs(_png(continuous_service, joined) - _png(continuous_service, alone)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"joining mid-flight changed the output by {diff}/255"
+
+
+def test_cancel_in_a_continuous_batch_leaves_the_other_job(continuous_service: Service) -> None:
+    with continuous_service.client() as client:
+        long_job = client.post("/v1/images", json=LONG).json()
+        wait_for_status(client, long_job["id"], {"in_progress"}, timeout_s=30)
+        other = client.post("/v1/images", json=JOINER).json()
+        time.sleep(0.05)
+        assert client.delete(f"/v1/jobs/{long_job['id']}").status_code in (200, 202)
+        canceled = client.get(f"/v1/jobs/{long_job['id']}", params={"wait": 60}).json()
+        finished = client.get(f"/v1/jobs/{other['id']}", params={"wait": 60}).json()
+    assert canceled["status"] == "canceled" and canceled["outputs"] == []
+    assert finished["status"] == "completed" and len(finished["outputs"]) == 1
