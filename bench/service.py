@@ -65,6 +65,8 @@ class Settings:
     batch: int
     max_batch: int
     max_wait_ms: int
+    batching: str = "static"
+    rates: list[float] = field(default_factory=list)  # absolute Poisson rates; replace `poisson` when set
     seed: int = 0
     labels: list[int] = field(default_factory=list)
 
@@ -170,6 +172,7 @@ class ServiceUnderTest:
             "DIT_MODELS": json.dumps([f"{MODEL_NAME}={settings.model_dir}"]),
             "DIT_MAX_BATCH": str(settings.max_batch),
             "DIT_MAX_WAIT_MS": str(settings.max_wait_ms),
+            "DIT_BATCHING": settings.batching,
             "DIT_LOG_LEVEL": "warning",
         }
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -319,8 +322,9 @@ def run(settings: Settings) -> list[Result]:
                 results.append(run_closed(service, settings, concurrency))
                 print(json.dumps(asdict(results[-1])), flush=True)
             saturated = max(r.images_per_second for r in results if r.scenario == "closed")
-            for fraction in settings.poisson:
-                results.append(run_poisson(service, settings, fraction * saturated))
+            rates = settings.rates or [fraction * saturated for fraction in settings.poisson]
+            for rate in rates:
+                results.append(run_poisson(service, settings, rate))
                 print(json.dumps(asdict(results[-1])), flush=True)
         finally:
             service.stop()
@@ -392,6 +396,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="the ideal run's batch size")
     parser.add_argument("--max-batch", type=int, default=16, help="the worker's --max-batch")
     parser.add_argument("--max-wait-ms", type=int, default=20, help="the worker's --max-wait-ms")
+    parser.add_argument(
+        "--batching", choices=["static", "continuous"], default="continuous", help="the worker's"
+    )
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="*",
+        default=[],
+        help="Poisson arrivals/s (instead of --poisson fractions)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/service.json"))
     parser.add_argument("--plot", type=Path, default=Path("bench/results/service.png"))
     args = parser.parse_args(argv)
@@ -405,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         batch=args.batch,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        batching=args.batching,
+        rates=args.rates,
     )
     results = run(settings)
     table = format_table(results)
