@@ -396,9 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="the ideal run's batch size")
     parser.add_argument("--max-batch", type=int, default=16, help="the worker's --max-batch")
     parser.add_argument("--max-wait-ms", type=int, default=20, help="the worker's --max-wait-ms")
-    parser.add_argument(
-        "--batching", choices=["static", "continuous"], default="continuous", help="the worker's"
-    )
+    parser.add_argument("--batching", choices=["static", "continuous"], default="static", help="the worker's")
     parser.add_argument(
         "--rates",
         type=float,

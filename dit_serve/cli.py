@@ -45,7 +45,7 @@ COMMON_FLAGS = [
         "--batching",
         "batching",
         "static, or continuous: jobs join a running batch at step boundaries, for models with a DDIM "
-        "scheduler (DIT_BATCHING, default continuous)",
+        "scheduler (DIT_BATCHING, default static)",
     ),
     ("--default-model", "default_model", "model used when a request names none (DIT_DEFAULT_MODEL)"),
     ("--log-level", "log_level", "debug, info, warning (DIT_LOG_LEVEL)"),

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     compile: CompileMode = CompileMode.NONE
     max_batch: int = Field(16, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0, le=60_000)
-    batching: Batching = Batching.CONTINUOUS
+    batching: Batching = Batching.STATIC
     worker_name: str | None = None
 
     # Crash safety: a held job whose heartbeat is older than heartbeat_ttl_s goes back to the queue
