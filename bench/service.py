@@ -70,6 +70,12 @@ class Settings:
     seed: int = 0
     labels: list[int] = field(default_factory=list)
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **rest: object) -> "Settings":
+        """Settings from add_workload_flags' flags, plus the benchmark's own."""
+        workload = {"model_dir": args.model_dir, "steps": args.steps, "guidance": args.guidance}
+        return cls(**workload, requests=args.requests, **rest)  # type: ignore[arg-type]
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -381,14 +387,19 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_workload_flags(parser: argparse.ArgumentParser, requests_help: str) -> None:
+    """The model and the requests, shared by the benchmarks of the service."""
     from models.bundled import IMAGE_MODEL_DIR
 
-    parser = argparse.ArgumentParser(prog="dit-serve bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=IMAGE_MODEL_DIR, help="a DiTPipeline directory")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--requests", type=int, default=128, help="requests per scenario")
+    parser.add_argument("--requests", type=int, default=128, help=requests_help)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="dit-serve bench", description=__doc__.splitlines()[0])
+    add_workload_flags(parser, "requests per scenario")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument(
         "--poisson", type=float, nargs="*", default=[0.5, 0.9], help="fractions of saturation"
@@ -407,11 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=Path("bench/results/service.json"))
     parser.add_argument("--plot", type=Path, default=Path("bench/results/service.png"))
     args = parser.parse_args(argv)
-    settings = Settings(
-        model_dir=args.model_dir,
-        steps=args.steps,
-        guidance=args.guidance,
-        requests=args.requests,
+    settings = Settings.from_args(
+        args,
         concurrency=args.concurrency,
         poisson=args.poisson,
         batch=args.batch,

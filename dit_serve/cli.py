@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench", help="the service against one-call-per-request DiTPipeline and raw batches (see --help)"
     )
+    commands.add_parser(
+        "bench-batching",
+        help="static against continuous batching at the same loads, interleaved (see --help)",
+    )
     evaluate = commands.add_parser(
         "eval", help="score the bundled models' label accuracy through the real sampler"
     )
@@ -202,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from bench.service import main as run_bench
 
         run_bench(argv[1:])
+        return
+    if argv[:1] == ["bench-batching"]:
+        from bench.compare_batching import main as run_comparison
+
+        run_comparison(argv[1:])
         return
     args = _parser().parse_args(argv)
     if args.command in ("train", "eval"):

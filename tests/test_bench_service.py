@@ -35,3 +35,21 @@ def test_short_benchmark_reports_every_scenario(model_dirs: dict[str, Path], tmp
     with Image.open(plot) as picture:
         assert picture.size[0] > 500 and picture.size[1] > 200
     assert "| service, 3 closed-loop clients |" in done.stdout
+
+
+def test_batching_comparison_alternates_modes_on_fresh_services(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "batching.json"
+    command = [sys.executable, "-m", "dit_serve.cli", "bench-batching", "--model-dir", str(model_dirs["img"])]
+    command += ["--requests", "4", "--rates", "8", "--repeats", "2", "--steps", "3", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"static", "continuous"}
+    for mode in results.values():
+        runs = mode["8.0"]
+        assert len(runs) == 2 and all(r["requests"] == 4 and r["scenario"] == "poisson" for r in runs)
+    order = [json.loads(line)["batching"] for line in done.stdout.splitlines() if line.startswith("{")]
+    assert order == ["static", "continuous", "continuous", "static"]  # alternating, so drift hits both
+    assert "| 8 | continuous |" in done.stdout
