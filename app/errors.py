@@ -1,5 +1,7 @@
 """Named API errors, each with one HTTP status and one error code; the handlers render them all alike."""
 
+from collections.abc import Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -52,33 +54,42 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+# on_error(request, status, code): told of every error answer (the API counts refused submissions)
+ErrorHook = Callable[[Request, int, str], None]
+
+
+def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> None:
     """Every failure, including FastAPI's own and unexpected ones, gets the documented error shape."""
 
+    def answer(request: Request, status: int, code: str, message: str) -> JSONResponse:
+        if on_error:
+            on_error(request, status, code)
+        return JSONResponse(error_body(code, message), status_code=status)
+
     @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return answer(request, exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         code = (
             "invalid_json"
             if any(error.get("type") == "json_invalid" for error in errors)
             else "invalid_request"
         )
-        return JSONResponse(error_body(code, _describe(errors)), status_code=422)
+        return answer(request, 422, code, _describe(errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+        return answer(request, exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(RedisError)
-    async def redis_error(_request: Request, exc: RedisError) -> JSONResponse:
+    async def redis_error(request: Request, exc: RedisError) -> JSONResponse:
         message = f"the job store (Redis) is unreachable: {exc}; retry later"
-        return JSONResponse(error_body("redis_unavailable", message), status_code=503)
+        return answer(request, 503, "redis_unavailable", message)
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return answer(request, 500, "internal_error", f"{type(exc).__name__}: {exc}")

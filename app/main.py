@@ -58,9 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = redis
     app.state.waits = waits
     app.state.storage = storage_from_settings(settings)
-    app.state.metrics = APIMetrics(redis)
+    app.state.metrics = APIMetrics(redis, settings.worker_metrics_url)
     app.middleware("http")(app.state.metrics.middleware)
-    install_error_handlers(app)
+    install_error_handlers(app, app.state.metrics.error)
     for router in (generation.router, jobs.router, system.router):
         app.include_router(router)
     return app

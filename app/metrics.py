@@ -1,54 +1,152 @@
-"""Prometheus metrics of the API process (the full metric set comes with the observability issue)."""
+"""Prometheus metrics of the API process, plus the cluster's state read from Redis at scrape time.
 
+The API exports what only it sees (requests, acceptances, rejections) and what lives in Redis (queue
+depth, oldest queued job, live workers, jobs lost with their worker). Workers export their own
+metrics on their own port; with `worker_metrics_url` set (`dit-serve up` sets it) the API's
+/metrics carries that worker's metrics too, so a one-host setup is one scrape target.
+"""
+
+import logging
 import time
-from collections.abc import Awaitable, Callable
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 
 from fastapi import Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
+from rq.utils import as_text
 
-from dit_serve.queueing import dit_queues
+from dit_serve.catalog import live_workers
+from dit_serve.jobs import JobKind, RecordField, record_key
+from dit_serve.metrics import HTTP_SECONDS_BUCKETS
+from dit_serve.queueing import QUEUE_PREFIX, REAPED_KEY, dit_queues
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+log = logging.getLogger(__name__)
+
+OLDEST_LOOKAHEAD = 64  # queued jobs looked at for the oldest (a requeued job may sit behind newer ones)
+WORKER_SCRAPE_TIMEOUT_S = 2.0
+SUBMISSION_ROUTES = {"/v1/images": JobKind.IMAGE, "/v1/videos": JobKind.VIDEO}
+# Error codes a submission can be refused with (app/errors.py, app/submission.py), exported from the
+# start at 0 so that a rejection-rate panel has a series before the first rejection.
+REJECTION_REASONS = (
+    "invalid_request",
+    "invalid_json",
+    "unsupported_media_type",
+    "unknown_model",
+    "wrong_kind",
+    "unknown_label",
+    "no_model",
+    "redis_unavailable",
+)
 
 
-class QueueDepthCollector:
-    """Queue depth per model queue, read from Redis at scrape time."""
+class ClusterCollector(Collector):
+    """Queue depth and oldest queued job per model, live workers and lost jobs, read from Redis."""
 
     def __init__(self, redis: Redis):
         self.redis = redis
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        depth = GaugeMetricFamily("dit_queue_depth", "Jobs waiting in each queue", labels=["queue"])
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "dit_queue_depth", "Jobs waiting in each model's queue", labels=["queue", "model"]
+        )
+        oldest = GaugeMetricFamily(
+            "dit_queue_oldest_job_age_seconds",
+            "Age of the oldest job waiting in each model's queue (0 when empty)",
+            labels=["queue", "model"],
+        )
+        workers = GaugeMetricFamily("dit_workers_live", "Workers whose heartbeat is fresh")
+        reaped = CounterMetricFamily(
+            "dit_jobs_reaped",
+            "Jobs whose worker stopped heartbeating: requeued, or failed with worker_lost",
+            labels=["model", "outcome"],
+        )
         try:
+            now = time.time()
             for queue in dit_queues(self.redis):
-                depth.add_metric([queue.name], queue.count)
-        except RedisError:
-            pass
-        yield depth
+                model = queue.name.removeprefix(QUEUE_PREFIX)
+                ids = self.redis.lrange(queue.key, 0, OLDEST_LOOKAHEAD - 1)
+                with self.redis.pipeline() as pipe:
+                    pipe.llen(queue.key)
+                    for job_id in ids:
+                        pipe.hget(record_key(as_text(job_id)), RecordField.CREATED_AT.value)
+                    count, *created = pipe.execute()
+                times = [float(value) for value in created if value]
+                depth.add_metric([queue.name, model], count)
+                oldest.add_metric([queue.name, model], max(0.0, now - min(times)) if times else 0.0)
+            workers.add_metric([], len(live_workers(self.redis)))
+            for field, value in self.redis.hgetall(REAPED_KEY).items():
+                model, _, outcome = as_text(field).partition("|")
+                reaped.add_metric([model, outcome], float(value))
+        except RedisError as exc:
+            log.warning("metrics: redis unavailable: %s", exc)
+            return  # no cluster series rather than wrong ones; dit_http_* still tell the story
+        yield from (depth, oldest, workers, reaped)
+
+
+class WorkerMetricsCollector(Collector):
+    """A worker's /metrics, fetched at scrape time and re-exported (`dit-serve up`: one target)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "dit_worker_metrics_up", "Whether the worker's /metrics answered this scrape", labels=["url"]
+        )
+        try:
+            with urllib.request.urlopen(self.url, timeout=WORKER_SCRAPE_TIMEOUT_S) as response:
+                text = response.read().decode()
+        except OSError as exc:
+            log.warning("metrics: worker metrics at %s unreachable: %s", self.url, exc)
+            up.add_metric([self.url], 0)
+            yield up
+            return
+        up.add_metric([self.url], 1)
+        yield up
+        yield from text_string_to_metric_families(text)
 
 
 class APIMetrics:
     """The API's own registry, so tests and several apps in one process do not collide."""
 
-    def __init__(self, redis: Redis):
+    def __init__(self, redis: Redis, worker_metrics_url: str | None = None):
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "dit_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
+            "dit_http_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry
         )
         self.latency = Histogram(
             "dit_http_request_seconds",
             "HTTP request latency",
             ["route", "method"],
-            buckets=LATENCY_BUCKETS,
+            buckets=HTTP_SECONDS_BUCKETS,
             registry=self.registry,
         )
         self.accepted = Counter(
-            "dit_jobs_accepted_total", "Jobs accepted", ["kind", "model"], registry=self.registry
+            "dit_jobs_accepted", "Jobs accepted", ["kind", "model"], registry=self.registry
         )
-        self.registry.register(QueueDepthCollector(redis))
+        self.rejected = Counter(
+            "dit_jobs_rejected",
+            "Job submissions refused, by error code",
+            ["kind", "reason"],
+            registry=self.registry,
+        )
+        for kind in SUBMISSION_ROUTES.values():
+            for reason in REJECTION_REASONS:
+                self.rejected.labels(kind.value, reason)
+        self.registry.register(ClusterCollector(redis))
+        if worker_metrics_url:
+            self.registry.register(WorkerMetricsCollector(worker_metrics_url))
+
+    def error(self, request: Request, status: int, code: str) -> None:
+        """An error answer: a refused submission when it answers POST /v1/images or /v1/videos."""
+        kind = SUBMISSION_ROUTES.get(request.url.path)
+        if kind and request.method == "POST" and status >= 400:
+            self.rejected.labels(kind.value, code).inc()
 
     async def middleware(
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]

@@ -47,6 +47,16 @@ COMMON_FLAGS = [
         "static, or continuous: jobs join a running batch at step boundaries, for models with a DDIM "
         "scheduler (DIT_BATCHING, default static)",
     ),
+    (
+        "--metrics-port",
+        "metrics_port",
+        "port of a worker's Prometheus /metrics, 0 for none (DIT_METRICS_PORT, default 9400)",
+    ),
+    (
+        "--metrics-host",
+        "metrics_host",
+        "address of a worker's /metrics (DIT_METRICS_HOST, default 127.0.0.1)",
+    ),
     ("--default-model", "default_model", "model used when a request names none (DIT_DEFAULT_MODEL)"),
     ("--log-level", "log_level", "debug, info, warning (DIT_LOG_LEVEL)"),
 ]
@@ -187,6 +197,10 @@ def run_up(settings: Settings) -> None:
         embedded = EmbeddedRedis(settings.data_dir / "redis").start()
         settings = settings.model_copy(update={"redis_url": embedded.url})
         logging.getLogger(__name__).info("started an embedded Redis at %s", embedded.url)
+    if settings.metrics_port and not settings.worker_metrics_url:
+        # One scrape target for the host: the API's /metrics carries the worker's.
+        url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+        settings = settings.model_copy(update={"worker_metrics_url": url})
     worker = subprocess.Popen([sys.executable, "-m", "dit_serve.cli", "worker"], env=_environment(settings))
     try:
         run_api(settings)

@@ -6,6 +6,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dit_serve.metrics import DEFAULT_WORKER_METRICS_PORT
+
 ENV_PREFIX = "DIT_"
 
 
@@ -68,6 +70,11 @@ class Settings(BaseSettings):
     max_wait_ms: int = Field(20, ge=0, le=60_000)
     batching: Batching = Batching.STATIC
     worker_name: str | None = None
+    # A worker serves its Prometheus metrics on metrics_host:metrics_port (0: not at all); the API's
+    # /metrics also carries the metrics found at worker_metrics_url (`dit-serve up` sets it).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(DEFAULT_WORKER_METRICS_PORT, ge=0, le=65535)
+    worker_metrics_url: str | None = None
 
     # Crash safety: a held job whose heartbeat is older than heartbeat_ttl_s goes back to the queue
     # (at most job_retries times) or fails with worker_lost. ttl + reap interval must stay under 60 s.

@@ -106,6 +106,10 @@ def loads_or(value: bytes | str | None, default: Any) -> Any:
     return json.loads(value) if value else default
 
 
+# Error codes a worker fails a job with (a job's `error.code`).
+SAMPLING_FAILED = "sampling_failed"
+STORAGE_FAILED = "storage_failed"
+
 # An RQ job that failed without our error record was failed by RQ's abandoned-job cleanup.
 WORKER_LOST = JobError(
     "worker_lost",

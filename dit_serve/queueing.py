@@ -5,10 +5,12 @@ Every state change that must not race a worker is one Lua script, so it is atomi
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from redis import Redis
 from rq import Queue, Retry
+from rq.job import Job
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
 from dit_serve.jobs import (
@@ -28,6 +30,9 @@ QUEUE_PREFIX = queue_name("")
 MAX_WAKE_TOKENS = 64
 REAPER_LOCK_KEY = f"{KEY_PREFIX}:reaper-lock"
 REAPER_LOCK_MS = 1000  # at most one reaping pass per second across all processes
+# Jobs whose worker stopped heartbeating, counted per "<model>|<outcome>" (the API exports them).
+REAPED_KEY = f"{KEY_PREFIX}:stats:reaped"
+REAPED_REQUEUED, REAPED_FAILED = "requeued", "failed"
 
 # KEYS: rq job, our record, the queue list, the canceled registry, the job's ended list.
 # ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds.
@@ -105,6 +110,15 @@ def dit_queues(redis: Redis) -> list[Queue]:
     return [queue for queue in Queue.all(connection=redis) if queue.name.startswith(QUEUE_PREFIX)]
 
 
+def _collect_into(jobs: list[Job]) -> Callable[..., None]:
+    """An RQ exception handler, handler(job, *exc_info), that only notes the job."""
+
+    def collect(job: Job, *_exc_info: object) -> None:
+        jobs.append(job)
+
+    return collect
+
+
 def reap_lost_jobs(redis: Redis) -> None:
     """Requeue (or fail, when out of retries) jobs whose worker stopped heartbeating.
 
@@ -116,7 +130,14 @@ def reap_lost_jobs(redis: Redis) -> None:
     if not redis.set(REAPER_LOCK_KEY, "1", nx=True, px=REAPER_LOCK_MS):
         return
     for queue in dit_queues(redis):
+        lost: list[Job] = []
         try:
-            StartedJobRegistry(queue.name, connection=redis).cleanup()
+            # RQ calls the handlers once per abandoned job, before it retries or fails the job.
+            StartedJobRegistry(queue.name, connection=redis).cleanup(exception_handlers=[_collect_into(lost)])
         except Exception:  # one bad job record must not stop the reaping of the rest
             log.exception("reaping queue %s failed", queue.name)
+        model = queue.name.removeprefix(QUEUE_PREFIX)
+        for job in lost:
+            outcome = REAPED_REQUEUED if job.retries_left else REAPED_FAILED
+            redis.hincrby(REAPED_KEY, f"{model}|{outcome}", 1)
+            log.warning("job %s of %s lost its worker: %s", job.id, model, outcome)

@@ -16,6 +16,7 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from dit_serve.embedded_redis import EmbeddedRedis, free_port
@@ -104,6 +105,7 @@ class Service:
             DIT_MODELS=json.dumps([f"{name}={path}" for name, path in self.models.items()]),
             DIT_DEFAULT_MODEL="img",
             DIT_LOG_LEVEL="info",
+            DIT_METRICS_PORT="0",  # several workers at once: a test that scrapes one gives it a port
         )
         env.update(self.env_overrides)
         env.update(extra)
@@ -169,6 +171,25 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
             return job
         time.sleep(POLL_S)
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout_s} s, wanted {statuses}")
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus /metrics page, keyed by (sample name, its labels)."""
+    text = httpx.get(url, timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The value of one sample; a missing one fails the test with the names that are there."""
+    key = (name, frozenset(labels.items()))
+    assert key in samples, (
+        f"no sample {name}{labels}; have {sorted({n for n, _ in samples if n.startswith(name)})}"
+    )
+    return samples[key]
 
 
 @contextmanager

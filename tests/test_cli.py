@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,8 +48,9 @@ def _clean_env() -> dict[str, str]:
 def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    command = ["up", "--port", str(port), "--metrics-port", str(free_port())]
     up = subprocess.Popen(
-        [sys.executable, "-m", "dit_serve.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "dit_serve.cli", *command],
         cwd=tmp_path, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -73,6 +75,12 @@ def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path
             assert (image["status"], video["status"]) == ("completed", "completed")
             png = client.get(image["outputs"][0]["url"]).content
             mp4 = client.get(video["outputs"][0]["url"]).content
+            # One scrape target: the API's /metrics carries the worker's series too.
+            metrics = client.get("/metrics").text
+        assert re.search(r'^dit_worker_metrics_up\{url="[^"]+"\} 1\.0$', metrics, re.M), metrics
+        assert 'dit_images_generated_total{model="dit-shapes-image"} 1.0' in metrics
+        assert 'dit_video_frames_generated_total{model="dit-shapes-video"} 16.0' in metrics
+        assert 'dit_jobs_accepted_total{kind="image",model="dit-shapes-image"} 1.0' in metrics
         # The bundled, trained models by default: "red circle" gives a red circle, and
         # "green square moving up" a green square moving up.
         classifier = load_classifier()

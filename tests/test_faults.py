@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from tests.conftest import Service, wait_for_status
+from dit_serve.embedded_redis import free_port
+from tests.conftest import Service, metric, scrape, wait_for_status
 
 pytestmark = pytest.mark.slow
 RECOVERY_LIMIT_S = 60.0  # the promise: no job of a killed worker stays in_progress longer
@@ -98,6 +99,8 @@ def test_killed_worker_jobs_are_requeued_and_finished_by_another(slow_service: S
             )
             time.sleep(0.5)
         assert {client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids} == {"queued"}
+        lost = scrape(f"{slow_service.base_url}/metrics")
+        assert metric(lost, "dit_jobs_reaped_total", model="slow", outcome="requeued") == 3
 
         slow_service.start_worker()
         finished = [wait_for_status(client, job_id, {"completed", "failed"}, timeout_s=120) for job_id in ids]
@@ -131,6 +134,8 @@ def test_job_without_retries_fails_with_worker_lost(
             )
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "worker_lost"
+        lost = scrape(f"{svc.base_url}/metrics")
+        assert metric(lost, "dit_jobs_reaped_total", model="slow", outcome="failed") == 1
     finally:
         svc.stop()
         Redis.from_url(redis_url).flushdb()
@@ -183,12 +188,20 @@ def test_a_storage_failure_fails_the_job_with_a_clear_error(
     svc = Service(redis_url, tmp_path, {"img": model_dirs["img"]}, {"DIT_OUTPUT_DIR": str(outputs)})
     try:
         svc.start_api()
-        svc.start_worker()
+        worker_metrics = free_port()
+        svc.start_worker(DIT_METRICS_PORT=str(worker_metrics))
         with svc.client() as client:
             job = client.post("/v1/images", json={"prompt": "red circle", "num_inference_steps": 2}).json()
             failed = wait_for_status(client, job["id"], {"completed", "failed"})
             assert failed["status"] == "failed"
             assert failed["error"]["code"] == "storage_failed" and "outputs" in failed["error"]["message"]
+            counted = scrape(f"http://127.0.0.1:{worker_metrics}/metrics")
+            image = {"model": "img", "kind": "image"}
+            assert (
+                metric(counted, "dit_jobs_finished_total", **image, status="failed", code="storage_failed")
+                == 1
+            )
+            assert metric(counted, "dit_jobs_finished_total", **image, status="completed", code="") == 0
             # The worker is still serving after the failure.
             assert client.get("/readyz").status_code == 200
     finally:

@@ -16,6 +16,7 @@ class JobTicket:
     execution: str
     compat: str
     request: dict[str, Any]
+    created_at: float = 0.0  # unix time the API accepted the job (0: unknown)
 
     @property
     def kind(self) -> str:

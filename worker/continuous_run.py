@@ -8,16 +8,16 @@ gets its turn) or the worker is stopping.
 """
 
 import logging
-from functools import partial
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dit_serve.jobs import JobError
+from dit_serve.jobs import SAMPLING_FAILED, JobError
 from worker.batching import JobTicket
 from worker.continuous import RunningBatch
-from worker.outputs import store_outputs
 from worker.queue import new_execution_id
+from worker.stages import DECODE
 
 if TYPE_CHECKING:
     from worker.runner import Worker
@@ -37,6 +37,7 @@ class ContinuousRun:
         self.pixels: dict[str, dict[int, np.ndarray]] = {}
         self.rows_of: dict[str, list[int]] = {}
         self.batch: RunningBatch | None = None
+        self.timer = worker.metrics.timer(self.model.name, self.model.kind)
 
     def run(self, tickets: list[JobTicket]) -> None:
         request = tickets[0].request
@@ -52,15 +53,19 @@ class ContinuousRun:
         try:
             self._admit(tickets)
             while len(self.batch):
+                rows, start = len(self.batch), time.perf_counter()
                 self.batch.step()
+                self.worker.metrics.stepped(
+                    self.model.name, self.model.kind, [rows], self.worker.metrics.waited(start)
+                )
                 self._report_and_cancel()
                 self._finish_done_rows()
                 self._join()
         except Exception as exc:
             log.exception("sampling failed in continuous batch %s", self.compat)
-            error = JobError("sampling_failed", f"sampling failed on worker {self.worker.config.name}: {exc}")
+            error = JobError(SAMPLING_FAILED, f"sampling failed on worker {self.worker.config.name}: {exc}")
             for ticket in self.jobs.values():
-                self.worker.settle(partial(self.worker.queue.fail, ticket, error))
+                self.worker.fail(ticket, error)
         finally:
             # Whatever happened, stop heartbeating these jobs: one not settled is reaped and requeued.
             self.worker.release(list(self.jobs))
@@ -96,7 +101,7 @@ class ContinuousRun:
             for row in rows:
                 self.owners.pop(row, None)
             self.pixels.pop(job_id, None)
-            self.worker.settle(partial(self.worker.queue.cancel, self.jobs.pop(job_id)))
+            self.worker.cancel(self.jobs.pop(job_id))
             self.worker.release([job_id])
             log.info("job %s canceled at step %d/%d", job_id, done[rows[0]], self.batch.steps)
 
@@ -105,7 +110,8 @@ class ContinuousRun:
         finished = self.batch.finished()
         if not finished:
             return
-        decoded = self.model.decode(self.batch.pop(finished)).numpy()
+        with self.timer(DECODE):
+            decoded = self.model.decode(self.batch.pop(finished)).numpy()
         for row_id, array in zip(finished, decoded, strict=True):
             job_id, index = self.owners.pop(row_id)
             self.pixels[job_id][index] = array
@@ -118,14 +124,7 @@ class ContinuousRun:
         job_id = ticket.job_id
         del self.jobs[job_id], self.rows_of[job_id]
         try:
-            outputs = store_outputs(self.worker.storage, ticket, pixels)
-        except Exception as exc:
-            log.exception("storing outputs of job %s failed", job_id)
-            error = JobError("storage_failed", f"could not store the outputs: {exc}")
-            self.worker.settle(partial(self.worker.queue.fail, ticket, error))
-        else:
-            if not self.worker.settle(partial(self.worker.queue.complete, ticket, outputs)):
-                log.warning("job %s was taken back from this worker before it finished", job_id)
+            self.worker.store(ticket, pixels, self.timer)
         finally:
             self.worker.release([job_id])
 

@@ -15,6 +15,7 @@ from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, V
 from models.loading import LoadedModel, ModelLoadError, load_model
 from models.sources import resolve_source
 from worker.acceleration import accelerate
+from worker.metrics import WorkerMetrics
 from worker.runner import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,14 @@ def run_worker(settings: Settings) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.set_grad_enabled(False)
+    # Metrics first: a taken port stops the worker before minutes of model loading.
+    metrics = WorkerMetrics(device, settings.batching.value)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+        log.info("worker metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     models = load_models(settings, device)
+    for model in models.values():
+        metrics.add_model(model)
     storage = storage_from_settings(settings)
     storage.check()
     name = settings.worker_name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
@@ -105,7 +113,7 @@ def run_worker(settings: Settings) -> None:
         continuous=settings.batching is Batching.CONTINUOUS,
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-    worker = Worker(config, redis, models, storage)
+    worker = Worker(config, redis, models, storage, metrics)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: finishing the current batch, then stopping", signum)

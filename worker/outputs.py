@@ -5,15 +5,19 @@ import numpy as np
 from dit_serve.storage import Storage, output_key
 from worker.batching import JobTicket
 from worker.encoding import IMAGE_FORMATS, VIDEO_FORMATS, encode_image, encode_video, extension_for
+from worker.stages import ENCODE, STORE, StageTimer, untimed
 
 
-def store_outputs(storage: Storage, ticket: JobTicket, pixels: list[np.ndarray]) -> list[dict[str, object]]:
+def store_outputs(
+    storage: Storage, ticket: JobTicket, pixels: list[np.ndarray], timer: StageTimer = untimed
+) -> list[dict[str, object]]:
     """Encode and store each output of a job.
 
     Args:
         storage: where outputs go (written atomically).
         ticket: the job.
         pixels: one array per output: (H, W, 3) uint8 for images, (F, H, W, 3) for videos.
+        timer: wraps each output's encoding and its storage write, for the worker's metrics.
 
     Returns:
         One description per output, in index order.
@@ -24,8 +28,10 @@ def store_outputs(storage: Storage, ticket: JobTicket, pixels: list[np.ndarray])
     content_type = (VIDEO_FORMATS if video else IMAGE_FORMATS)[fmt]
     outputs: list[dict[str, object]] = []
     for index, array in enumerate(pixels):
-        data = encode_video(array, int(request["fps"]), fmt) if video else encode_image(array, fmt)
-        storage.put(output_key(ticket.job_id, index, extension_for(fmt)), data, content_type)
+        with timer(ENCODE):
+            data = encode_video(array, int(request["fps"]), fmt) if video else encode_image(array, fmt)
+        with timer(STORE):
+            storage.put(output_key(ticket.job_id, index, extension_for(fmt)), data, content_type)
         output: dict[str, object] = {
             "index": index,
             "content_type": content_type,

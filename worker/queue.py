@@ -131,11 +131,23 @@ class JobQueue:
             return []
         with self.redis.pipeline() as pipe:
             for job_id in ids:
-                pipe.hmget(record_key(job_id.decode()), RecordField.REQUEST.value, RecordField.COMPAT.value)
+                pipe.hmget(
+                    record_key(job_id.decode()),
+                    RecordField.REQUEST.value,
+                    RecordField.COMPAT.value,
+                    RecordField.CREATED_AT.value,
+                )
             records = pipe.execute()
         return [
-            JobTicket(job_id.decode(), queue, execution, compat_value.decode(), json.loads(request))
-            for job_id, (request, compat_value) in zip(ids, records, strict=True)
+            JobTicket(
+                job_id.decode(),
+                queue,
+                execution,
+                compat_value.decode(),
+                json.loads(request),
+                float(created_at or 0),
+            )
+            for job_id, (request, compat_value, created_at) in zip(ids, records, strict=True)
         ]
 
     def wait_for_work(self, queues: Iterable[str], timeout_s: float) -> None:

@@ -19,16 +19,18 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 
 from dit_serve.catalog import ModelDefaults, ModelSpec, publish_worker, retire_worker
-from dit_serve.jobs import JobError, queue_name
+from dit_serve.jobs import SAMPLING_FAILED, STORAGE_FAILED, JobError, queue_name
 from dit_serve.queueing import reap_lost_jobs
 from dit_serve.storage import Storage
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.continuous import supports_continuous
 from worker.continuous_run import ContinuousRun
+from worker.metrics import WorkerMetrics
 from worker.outputs import store_outputs
 from worker.queue import JobQueue, new_execution_id
 from worker.sampling import generate
+from worker.stages import SAMPLING, StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,16 @@ def model_spec(model: LoadedModel) -> ModelSpec:
 class Worker:
     """Serves the queues of the models it holds, one batched denoising loop at a time."""
 
-    def __init__(self, config: WorkerConfig, redis: Redis, models: dict[str, LoadedModel], storage: Storage):
+    def __init__(
+        self,
+        config: WorkerConfig,
+        redis: Redis,
+        models: dict[str, LoadedModel],
+        storage: Storage,
+        metrics: WorkerMetrics,
+    ):
         self.config = config
+        self.metrics = metrics
         self.redis = redis
         self.models = {queue_name(name): model for name, model in models.items()}
         self.specs = [model_spec(model) for model in models.values()]
@@ -138,10 +148,6 @@ class Worker:
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
-    def hold(self, tickets: list[JobTicket]) -> None:
-        with self._held_lock:
-            self._held.update((ticket.job_id, ticket) for ticket in tickets)
-
     def release(self, job_ids: set[str] | list[str]) -> None:
         with self._held_lock:
             for job_id in job_ids:
@@ -155,11 +161,12 @@ class Worker:
             self.queue.wait_for_work(self.models, IDLE_WAIT_S)
             return False
         queue, tickets, execution = taken
-        if self.config.continuous and supports_continuous(self.models[queue]):
-            # No batch-filling wait: later jobs join the running batch at its next step.
-            ContinuousRun(self, queue).run(tickets)
-        else:
-            self._run_batch(Batch.from_tickets(self._fill(queue, tickets, execution)))
+        with self.metrics.working():
+            if self.config.continuous and supports_continuous(self.models[queue]):
+                # No batch-filling wait: later jobs join the running batch at its next step.
+                ContinuousRun(self, queue).run(tickets)
+            else:
+                self._run_batch(Batch.from_tickets(self._fill(queue, tickets, execution)))
         return True
 
     def _take_first(self) -> tuple[str, list[JobTicket], str] | None:
@@ -176,6 +183,12 @@ class Worker:
         self._next_queue = (names.index(queue) + 1) % len(names)
         self.hold(tickets)
         return queue, tickets, execution
+
+    def hold(self, tickets: list[JobTicket]) -> None:
+        """Heartbeat these jobs until released; they were just taken from their queue."""
+        self.metrics.taken(tickets)
+        with self._held_lock:
+            self._held.update((ticket.job_id, ticket) for ticket in tickets)
 
     def other_queues_waiting(self, queue: str) -> bool:
         """Whether any other queue this worker serves has jobs waiting."""
@@ -223,22 +236,35 @@ class Worker:
             pixels, canceled = self._sample(batch)
         except Exception as exc:
             log.exception("sampling failed for batch %s", batch.compat)
-            error = JobError("sampling_failed", f"sampling failed on worker {self.config.name}: {exc}")
+            error = JobError(SAMPLING_FAILED, f"sampling failed on worker {self.config.name}: {exc}")
             for ticket in batch.jobs.values():
-                self.settle(partial(self.queue.fail, ticket, error))
+                self.fail(ticket, error)
             return
+        timer = self.metrics.timer(batch.first.model, batch.first.kind)
         for job_id, ticket in batch.jobs.items():
-            if job_id in canceled:
-                continue
-            try:
-                outputs = store_outputs(self.storage, ticket, pixels[job_id])
-            except Exception as exc:
-                log.exception("storing outputs of job %s failed", job_id)
-                error = JobError("storage_failed", f"could not store the outputs: {exc}")
-                self.settle(partial(self.queue.fail, ticket, error))
-                continue
-            if not self.settle(partial(self.queue.complete, ticket, outputs)):
-                log.warning("job %s was taken back from this worker before it finished", job_id)
+            if job_id not in canceled:
+                self.store(ticket, pixels[job_id], timer)
+
+    def store(self, ticket: JobTicket, pixels: list[np.ndarray], timer: StageTimer) -> None:
+        """Encode and store a job's outputs, then record it completed (or failed, if storing failed)."""
+        try:
+            outputs = store_outputs(self.storage, ticket, pixels, timer)
+        except Exception as exc:
+            log.exception("storing outputs of job %s failed", ticket.job_id)
+            self.fail(ticket, JobError(STORAGE_FAILED, f"could not store the outputs: {exc}"))
+            return
+        if self.settle(partial(self.queue.complete, ticket, outputs)):
+            self.metrics.ended(ticket, "completed", outputs=outputs)
+        else:
+            log.warning("job %s was taken back from this worker before it finished", ticket.job_id)
+
+    def fail(self, ticket: JobTicket, error: JobError) -> None:
+        if self.settle(partial(self.queue.fail, ticket, error)):
+            self.metrics.ended(ticket, "failed", error.code)
+
+    def cancel(self, ticket: JobTicket) -> None:
+        if self.settle(partial(self.queue.cancel, ticket)):
+            self.metrics.ended(ticket, "canceled")
 
     def settle(self, settle: Callable[[], bool]) -> bool:
         """Record a job's end, retrying while Redis is down (the heartbeat keeps the job ours meanwhile)."""
@@ -259,9 +285,11 @@ class Worker:
         model = self.models[ticket.queue]
         request = ticket.request
         canceled: set[str] = set()
+        rows_per_step: list[int] = []
 
         def on_step(done: int, total: int, rows: torch.Tensor) -> torch.Tensor | None:
             live = [batch.rows[i].job_id for i in rows.tolist()]
+            rows_per_step.append(len(live))
             progress = SAMPLING_PROGRESS * done // total
             try:
                 asked = self.queue.report_progress(dict.fromkeys(live, progress))
@@ -269,12 +297,13 @@ class Worker:
                 log.warning("progress report failed: %s", exc)
                 return None
             for job_id in asked - canceled:
-                self.queue.cancel(batch.jobs[job_id])
+                self.cancel(batch.jobs[job_id])
                 canceled.add(job_id)
                 log.info("job %s canceled at step %d/%d", job_id, done, total)
             self.release(asked)
             return torch.tensor([job_id not in canceled for job_id in live]) if asked else None
 
+        spent: dict[str, float] = {}
         pixels_out, rows = generate(
             model,
             [row.condition for row in batch.rows],
@@ -285,7 +314,9 @@ class Worker:
             int(request["height"]),
             int(request.get("num_frames") or 1),
             on_step=on_step,
+            timer=self.metrics.timer(ticket.model, ticket.kind, spent),
         )
+        self.metrics.stepped(ticket.model, ticket.kind, rows_per_step, spent[SAMPLING])
         pixels: dict[str, list[np.ndarray]] = defaultdict(list)
         decoded = pixels_out.numpy()  # (M, H, W, 3) or (M, F, H, W, 3)
         for row_index, array in zip(rows.tolist(), decoded, strict=True):

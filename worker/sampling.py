@@ -12,6 +12,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from models.families.base import Conditioning, LoadedModel, RowCondition
+from worker.stages import CONDITIONS, DECODE, SAMPLING, StageTimer, untimed
 
 # predict(x, t, cond) -> prediction on the latent channels; x (B, C, *S), t (B,) -> (B, C, *S)
 PredictFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
@@ -161,26 +162,32 @@ def generate(
     frames: int = 1,
     scheduler: SchedulerMixin | None = None,
     on_step: StepCallback | None = None,
+    timer: StageTimer = untimed,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise, conditions, the guided loop and decoding for one batch of rows of one model.
+
+    `timer` wraps each stage (conditions, sampling, decode), for the worker's metrics.
 
     Returns:
         (M, H, W, 3) or (M, F, H, W, 3) uint8 pixels of the rows that finished, and (M,) their indices.
     """
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     latents = initial_noise(generators, model.latent_shape(width, height, frames), model.device)
-    cond, uncond = model.conditions(conditions)
+    with timer(CONDITIONS):
+        cond, uncond = model.conditions(conditions)
     guidance = torch.tensor(guidance_scales, dtype=torch.float32, device=model.device)  # (N,)
-    latents, rows = sample(
-        model.predict,
-        scheduler or model.new_scheduler(),
-        latents,
-        cond,
-        uncond,
-        guidance,
-        num_inference_steps,
-        on_step,
-    )
+    with timer(SAMPLING):
+        latents, rows = sample(
+            model.predict,
+            scheduler or model.new_scheduler(),
+            latents,
+            cond,
+            uncond,
+            guidance,
+            num_inference_steps,
+            on_step,
+        )
     if rows.numel() == 0:
         return torch.empty(0, dtype=torch.uint8), rows
-    return model.decode(latents), rows
+    with timer(DECODE):
+        return model.decode(latents), rows
