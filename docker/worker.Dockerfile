@@ -17,6 +17,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DIT_DATA_DIR=/data \
     DIT_OUTPUT_DIR=/data/outputs \
     DIT_DEVICE=auto \
+    DIT_METRICS_HOST=0.0.0.0 \
+    DIT_METRICS_PORT=9400 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /opt/dit-serve
@@ -51,6 +53,8 @@ WORKDIR /home/dit
 # DIT_MODELS='["my-dit=/models/DiT-XL-2-256"]'. Outputs (local storage) go to /data/outputs, which
 # compose mounts as a named volume shared with the API.
 VOLUME ["/data"]
+# Prometheus metrics of this worker (DIT_METRICS_PORT); docker/prometheus/prometheus.yml scrapes it.
+EXPOSE 9400
 
 # Healthy when this container's worker is registered in Redis (`dit:workers`, a sorted set of worker
 # name -> expiry time, refreshed by its heartbeat thread). Worker names start with the hostname, which

@@ -2,7 +2,7 @@
 real API and worker with the shipped scrape jobs and alert rules, and every panel query of the shipped
 Grafana dashboard and every alert expression is evaluated through Prometheus' HTTP API.
 
-Without the prometheus binary these tests skip, unless DIT_REQUIRE_PROMETHEUS=1 (as `.ci/run` sets it,
+Without the prometheus binary these tests skip, unless DIT_REQUIRE_TOOLS=1 (as `.ci/run` sets it,
 after installing the package), where they fail.
 """
 
@@ -40,7 +40,7 @@ def _binary(name: str) -> str:
     if path:
         return path
     message = f"{name} is not installed: `apt-get install prometheus` (Debian) provides it"
-    if os.environ.get("DIT_REQUIRE_PROMETHEUS") == "1":
+    if os.environ.get("DIT_REQUIRE_TOOLS") == "1":
         pytest.fail(message)
     pytest.skip(message)
 
