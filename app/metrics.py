@@ -122,7 +122,7 @@ class APIMetrics:
         self.latency = Histogram(
             "dit_http_request_seconds",
             "HTTP request latency",
-            ["route", "method"],
+            ["route", "method", "status"],
             buckets=HTTP_SECONDS_BUCKETS,
             registry=self.registry,
         )
@@ -155,6 +155,7 @@ class APIMetrics:
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        self.requests.labels(path, request.method, str(response.status_code)).inc()
-        self.latency.labels(path, request.method).observe(time.perf_counter() - start)
+        status = str(response.status_code)
+        self.requests.labels(path, request.method, status).inc()
+        self.latency.labels(path, request.method, status).observe(time.perf_counter() - start)
         return response
