@@ -135,6 +135,12 @@ class APIMetrics:
             ["kind", "reason"],
             registry=self.registry,
         )
+        self.cancels = Counter(
+            "dit_cancels",
+            "DELETE /v1/jobs/{id} that took: canceled (was queued) or cancel_requested (was running)",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
         for kind in SUBMISSION_ROUTES.values():
             for reason in REJECTION_REASONS:
                 self.rejected.labels(kind.value, reason)

@@ -161,7 +161,7 @@ def run_ideal(settings: Settings) -> Result:
 class ServiceUnderTest:
     """Redis, `dit-serve api` and one `dit-serve worker`, as child processes of this one."""
 
-    def __init__(self, settings: Settings, workdir: Path):
+    def __init__(self, settings: Settings, workdir: Path, env: dict[str, str] | None = None):
         self.workdir = workdir
         self.redis: EmbeddedRedis | None = None
         redis_url = os.environ.get("REDIS_URL")
@@ -180,6 +180,8 @@ class ServiceUnderTest:
             "DIT_MAX_WAIT_MS": str(settings.max_wait_ms),
             "DIT_BATCHING": settings.batching,
             "DIT_LOG_LEVEL": "warning",
+            "DIT_METRICS_PORT": "0",  # no port to collide with a service running beside the benchmark
+            **(env or {}),
         }
         self.processes: list[subprocess.Popen[bytes]] = []
 

@@ -129,6 +129,13 @@ def test_api_answers_503_with_the_error_shape_when_redis_is_down(tmp_path: Path)
             response = httpx.request(method, f"{base}{path}", json=body, timeout=30)
             assert response.status_code == 503, (path, response.text)
             assert response.json()["error"]["code"] == "redis_unavailable"
+        # /metrics still answers, so the outage shows on the dashboards; the cluster series, which
+        # come from Redis, are left out rather than reported wrong.
+        metrics = httpx.get(f"{base}/metrics", timeout=30)
+        assert metrics.status_code == 200
+        assert 'dit_jobs_rejected_total{kind="image",reason="redis_unavailable"} 1.0' in metrics.text
+        assert 'route="/v1/models",status="503"} 1.0' in metrics.text
+        assert "dit_workers_live" not in metrics.text and "dit_queue_depth" not in metrics.text
     finally:
         api.terminate()
         api.wait(timeout=20)

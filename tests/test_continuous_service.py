@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import Service, running_service, wait_for_status
+from dit_serve.embedded_redis import free_port
+from tests.conftest import Service, metric, running_service, scrape, wait_for_status
 
 MAX_PIXEL_DIFF = 1  # out of 255
 LONG = {"class_labels": [3], "n": 8, "num_inference_steps": 100, "seed": 100}
@@ -21,7 +22,11 @@ def continuous_service(
     redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("continuous")
-    with running_service(redis_url, tmp, {"img": model_dirs["img"]}, DIT_BATCHING="continuous") as svc:
+    worker_metrics = str(free_port())
+    with running_service(
+        redis_url, tmp, {"img": model_dirs["img"]}, DIT_BATCHING="continuous", DIT_METRICS_PORT=worker_metrics
+    ) as svc:
+        svc.worker_metrics = f"http://127.0.0.1:{worker_metrics}/metrics"  # type: ignore[attr-defined]
         yield svc
 
 
@@ -32,6 +37,7 @@ def _png(service: Service, job: dict, index: int = 0) -> np.ndarray:
 
 
 def test_a_job_joins_a_running_batch_and_matches_its_solo_run(continuous_service: Service) -> None:
+    before = scrape(continuous_service.worker_metrics)  # type: ignore[attr-defined]
     with continuous_service.client() as client:
         long_job = client.post("/v1/images", json=LONG).json()
         wait_for_status(client, long_job["id"], {"in_progress"}, timeout_s=30)
@@ -47,6 +53,21 @@ def test_a_job_joins_a_running_batch_and_matches_its_solo_run(continuous_service
         alone = client.get(f"/v1/jobs/{alone['id']}", params={"wait": 60}).json()
     diff = np.abs(_png(continuous_service, joined) - _png(continuous_service, alone)).max()
     assert diff <= MAX_PIXEL_DIFF, f"joining mid-flight changed the output by {diff}/255"
+
+    # The metrics of continuous batching: every row went through its 100 steps exactly once.
+    after = scrape(continuous_service.worker_metrics)  # type: ignore[attr-defined]
+    img = {"model": "img", "kind": "image"}
+
+    def moved(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    rows = LONG["n"] + 1 + 1  # the long job's outputs, the joiner, the joiner alone
+    assert moved("dit_batch_rows_sum", **img) == rows * JOINER["num_inference_steps"]
+    assert moved("dit_denoise_step_seconds_count", **img) >= 2 * JOINER["num_inference_steps"]
+    assert moved("dit_jobs_finished_total", **img, status="completed", code="") == 3
+    assert moved("dit_images_generated_total", model="img") == rows
+    assert moved("dit_storage_write_seconds_count", **img) == rows
+    assert moved("dit_job_latency_seconds_count", **img) == moved("dit_queue_wait_seconds_count", **img) == 3
 
 
 def test_cancel_in_a_continuous_batch_leaves_the_other_job(continuous_service: Service) -> None:

@@ -78,6 +78,9 @@ def test_cancel_queued_and_in_progress_jobs(slow_service: Service) -> None:
         conflict = client.delete(f"/v1/jobs/{pair[1]}")
         assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "job_finished"
     assert "canceled at step" in slow_service.worker_log()
+    api = scrape(f"{slow_service.base_url}/metrics")
+    assert metric(api, "dit_cancels_total", model="slow", outcome="canceled") == 1
+    assert metric(api, "dit_cancels_total", model="slow", outcome="cancel_requested") == 1
 
 
 def test_killed_worker_jobs_are_requeued_and_finished_by_another(slow_service: Service) -> None:

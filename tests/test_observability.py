@@ -17,20 +17,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
+from PIL import Image
 
+from bench.dashboard import render as render_dashboard
+from bench.prometheus import PROMETHEUS_DIR, PrometheusServer
 from dit_serve.embedded_redis import free_port
 from tests.conftest import Service, metric, running_service, scrape, wait_for_status
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS_DIR = ROOT / "docker" / "prometheus"
 DASHBOARDS = sorted((ROOT / "docker" / "grafana" / "dashboards").glob("*.json"))
 SCRAPE_INTERVAL = "1s"
 # Grafana's own variables, as a panel would be rendered over the last few minutes.
 GRAFANA_VARIABLES = {"$__rate_interval": "2m", "$__interval": "15s", "$__range": "5m"}
-PROMETHEUS_START_TIMEOUT_S = 30.0
 SCRAPED_TIMEOUT_S = 30.0
 STEPS = 3
 
@@ -89,81 +89,22 @@ def test_promtool_passes_on_the_shipped_files(args: list[str]) -> None:
 # --- a real Prometheus against a real service -------------------------------------------------------
 
 
-class Prometheus:
-    """A Prometheus server on a free port with the shipped jobs and rules, pointed at the test targets."""
+def value(prometheus: PrometheusServer, expr: str) -> float:
+    result = prometheus.query(expr)
+    return float(result[0]["value"][1]) if result else math.nan
 
-    def __init__(self, tmp: Path, targets: dict[str, str]):
-        shipped = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-        self.port = free_port()
-        targets = {**targets, "prometheus": f"127.0.0.1:{self.port}"}
-        jobs = [job["job_name"] for job in shipped["scrape_configs"]]
-        assert set(jobs) == set(targets), f"the shipped scrape jobs are {jobs}; the test scrapes {targets}"
-        config = {
-            "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
-            "rule_files": [str(PROMETHEUS_DIR / name) for name in shipped["rule_files"]],
-            "scrape_configs": [
-                {
-                    "job_name": job["job_name"],
-                    "metrics_path": job.get("metrics_path", "/metrics"),
-                    "static_configs": [{"targets": [targets[job["job_name"]]]}],
-                }
-                for job in shipped["scrape_configs"]
-            ],
-        }
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [
-                _binary("prometheus"),
-                f"--config.file={tmp / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + PROMETHEUS_START_TIMEOUT_S
-        while not self._ready():
-            assert self.process.poll() is None, (tmp / "prometheus.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.2)
 
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """An instant query; a query Prometheus cannot parse or run fails the test with its error."""
-        body = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
-        assert body["status"] == "success", f"{expr!r}: {body.get('error')}"
-        return body["data"]["result"]
-
-    def value(self, expr: str) -> float:
-        result = self.query(expr)
-        return float(result[0]["value"][1]) if result else math.nan
-
-    def wait_for(self, expr: str, what: str, timeout_s: float = SCRAPED_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.query(expr):
-            assert time.monotonic() < deadline, f"prometheus never saw {what} ({expr})"
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+def wait_for(prometheus: PrometheusServer, expr: str, what: str) -> None:
+    deadline = time.monotonic() + SCRAPED_TIMEOUT_S
+    while not prometheus.query(expr):
+        assert time.monotonic() < deadline, f"prometheus never saw {what} ({expr})"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
 def observed(
     redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Service, str, Prometheus]]:
+) -> Iterator[tuple[Service, str, PrometheusServer]]:
     """The service (image + video model, the worker's /metrics on a port), scraped by Prometheus."""
     _binary("prometheus")
     tmp = tmp_path_factory.mktemp("observed")
@@ -171,16 +112,16 @@ def observed(
     models = {"img": model_dirs["img"], "vid": model_dirs["vid"]}
     with running_service(redis_url, tmp, models, DIT_METRICS_PORT=str(worker_port)) as svc:
         targets = {"dit-api": f"127.0.0.1:{svc.port}", "dit-worker": f"127.0.0.1:{worker_port}"}
-        prometheus = Prometheus(tmp, targets)
+        prometheus = PrometheusServer(tmp / "prometheus", targets, SCRAPE_INTERVAL)
         try:
             # Two scrapes of every target before any test's jobs, so that rates see them happen.
-            prometheus.wait_for("count(count_over_time(up[1m]) >= 2) == 3", "two scrapes of each target")
+            wait_for(prometheus, "count(count_over_time(up[1m]) >= 2) == 3", "two scrapes of each target")
             yield svc, f"http://127.0.0.1:{worker_port}/metrics", prometheus
         finally:
             prometheus.stop()
 
 
-def test_one_job_is_counted_exactly(observed: tuple[Service, str, Prometheus]) -> None:
+def test_one_job_is_counted_exactly(observed: tuple[Service, str, PrometheusServer]) -> None:
     """Two outputs, STEPS steps, alone in its batch: every histogram and counter moves by what it should."""
     svc, worker_metrics, _ = observed
     before = scrape(worker_metrics)
@@ -214,7 +155,7 @@ def test_one_job_is_counted_exactly(observed: tuple[Service, str, Prometheus]) -
     assert metric(after, "dit_worker_device_memory_bytes", device="cpu", type="resident") > 10e6
 
 
-def test_api_counts_refusals_and_reads_the_queues(observed: tuple[Service, str, Prometheus]) -> None:
+def test_api_counts_refusals_and_reads_the_queues(observed: tuple[Service, str, PrometheusServer]) -> None:
     svc, _, _ = observed
     api_metrics = f"{svc.base_url}/metrics"
     before = scrape(api_metrics)
@@ -244,7 +185,7 @@ def test_api_counts_refusals_and_reads_the_queues(observed: tuple[Service, str, 
 
 
 def test_every_dashboard_panel_and_alert_rule_works_in_prometheus(
-    observed: tuple[Service, str, Prometheus],
+    observed: tuple[Service, str, PrometheusServer], tmp_path: Path
 ) -> None:
     svc, _, prometheus = observed
     with svc.client() as client:
@@ -260,9 +201,9 @@ def test_every_dashboard_panel_and_alert_rule_works_in_prometheus(
     assert [job["status"] for job in ended] == ["completed"] * 3
     frames = ended[2]["outputs"][0]["num_frames"]
     # Wait until Prometheus has scraped the final counts through both jobs' targets.
-    prometheus.wait_for('sum(dit_images_generated_total{job="dit-worker"}) >= 3', "the images")
-    prometheus.wait_for(f"sum(dit_video_frames_generated_total) >= {frames}", "the video frames")
-    prometheus.wait_for('sum(dit_jobs_rejected_total{reason="unknown_label"}) >= 1', "the refusal")
+    wait_for(prometheus, 'sum(dit_images_generated_total{job="dit-worker"}) >= 3', "the images")
+    wait_for(prometheus, f"sum(dit_video_frames_generated_total) >= {frames}", "the video frames")
+    wait_for(prometheus, 'sum(dit_jobs_rejected_total{reason="unknown_label"}) >= 1', "the refusal")
 
     # Series a request creates (a route's first 422, say) need two scrapes before a rate shows them.
     deadline = time.monotonic() + SCRAPED_TIMEOUT_S
@@ -271,8 +212,17 @@ def test_every_dashboard_panel_and_alert_rule_works_in_prometheus(
     assert not empty, "panels without data:\n" + "\n".join(empty)
 
     # Rates over the run: images/s and frames/s are what was generated.
-    assert prometheus.value('sum(increase(dit_images_generated_total{job="dit-worker"}[5m]))') > 0
-    assert prometheus.value("max(dit_workers_live)") == 1
+    assert value(prometheus, 'sum(increase(dit_images_generated_total{job="dit-worker"}[5m]))') > 0
+    assert value(prometheus, "max(dit_workers_live)") == 1
+
+    # `python -m bench.dashboard render` draws every panel from the same Prometheus.
+    picture = tmp_path / "dashboard.png"
+    end = time.time()
+    for dashboard_file in DASHBOARDS:
+        drawn = render_dashboard(prometheus, dashboard_file, picture, end - 120, end, "1m")
+        assert drawn == len(panels(json.loads(dashboard_file.read_text())))
+        with Image.open(picture) as image:
+            assert image.format == "PNG" and image.width > 1000 and image.height > 1000
 
     rules = alert_rules()
     for rule in rules:
@@ -282,8 +232,7 @@ def test_every_dashboard_panel_and_alert_rule_works_in_prometheus(
     while True:
         loaded = [
             rule
-            for group in httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
-            for rule in group["rules"]
+            for rule in prometheus.rules()
             if rule.get("lastEvaluation", "").startswith("2")
             and not rule["lastEvaluation"].startswith("0001")
         ]
@@ -292,7 +241,7 @@ def test_every_dashboard_panel_and_alert_rule_works_in_prometheus(
         assert time.monotonic() < deadline, "prometheus did not evaluate every alert rule"
         time.sleep(0.5)
     assert {rule["name"]: rule["health"] for rule in loaded} == dict.fromkeys(names, "ok")
-    firing = {alert["labels"]["alertname"] for alert in _alerts(prometheus)}
+    firing = {alert["labels"]["alertname"] for alert in prometheus.alerts()}
     assert not firing & {"DitNoLiveWorker", "DitAPIDown", "DitWorkerMetricsDown"}, firing
 
     # The worker stops: its heartbeat goes, and the no-live-worker alert starts (pending for 1 m).
@@ -300,13 +249,13 @@ def test_every_dashboard_panel_and_alert_rule_works_in_prometheus(
     worker.send_signal(signal.SIGTERM)
     worker.wait(timeout=30)
     deadline = time.monotonic() + SCRAPED_TIMEOUT_S
-    while "DitNoLiveWorker" not in {alert["labels"]["alertname"] for alert in _alerts(prometheus)}:
+    while "DitNoLiveWorker" not in {alert["labels"]["alertname"] for alert in prometheus.alerts()}:
         assert time.monotonic() < deadline, "DitNoLiveWorker never became pending after the worker stopped"
         time.sleep(0.5)
-    assert prometheus.value("max(dit_workers_live)") == 0
+    assert value(prometheus, "max(dit_workers_live)") == 0
 
 
-def _panels_without_data(prometheus: Prometheus) -> list[str]:
+def _panels_without_data(prometheus: PrometheusServer) -> list[str]:
     """Every dashboard panel none of whose queries gives a finite value now."""
     empty = []
     for dashboard_file in DASHBOARDS:
@@ -319,8 +268,3 @@ def _panels_without_data(prometheus: Prometheus) -> list[str]:
             if not any(math.isfinite(value) for value in values):
                 empty.append(f"{dashboard_file.name}: {panel['title']!r} (got {values})")
     return empty
-
-
-def _alerts(prometheus: Prometheus) -> list[dict[str, Any]]:
-    """Pending and firing alerts."""
-    return httpx.get(f"{prometheus.url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]

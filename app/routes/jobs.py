@@ -55,14 +55,18 @@ def get_output(job_id: str, index: int, redis: RedisDep, storage: StorageDep) ->
 
 
 @router.delete("/{job_id}")
-def cancel(job_id: str, redis: RedisDep, settings: SettingsDep, response: Response) -> JobBody:
+def cancel(
+    job_id: str, request: Request, redis: RedisDep, settings: SettingsDep, response: Response
+) -> JobBody:
     """Cancel a job: a queued one at once (200), a running one at its next denoising step (202)."""
     record, _ = read_record(redis, job_id)
-    outcome = cancel_job(redis, job_id, record[RecordField.MODEL.value].decode(), settings.job_ttl_s)
+    model = record[RecordField.MODEL.value].decode()
+    outcome = cancel_job(redis, job_id, model, settings.job_ttl_s)
     if outcome == "missing":
         raise NotFound(f"no job {job_id}", "job_not_found")
     if outcome == "cancel_requested":
         response.status_code = 202
     elif outcome != "canceled":
         raise Conflict(f"job {job_id} has already ended ({job_body(redis, job_id).status})", "job_finished")
+    request.app.state.metrics.cancels.labels(model, outcome).inc()
     return job_body(redis, job_id)
