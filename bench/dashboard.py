@@ -36,7 +36,7 @@ DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "docker" / "grafana" / "da
 GRID_COLUMNS = 24
 INCHES_PER_COLUMN = 0.75
 INCHES_PER_GRID_ROW = 0.32
-MAX_LEGEND_ENTRIES = 6
+MAX_LEGEND_ENTRIES = 10
 UNIT_SCALE = {"bytes": (1e-6, "MB"), "percentunit": (100.0, "%"), "s": (1.0, "s"), "reqps": (1.0, "req/s")}
 WAIT_S = 60
 
