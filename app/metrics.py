@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 OLDEST_LOOKAHEAD = 64  # queued jobs looked at for the oldest (a requeued job may sit behind newer ones)
 WORKER_SCRAPE_TIMEOUT_S = 2.0
+REDIS_UP, REDIS_UP_HELP = "dit_redis_up", "Whether this scrape's reads from Redis succeeded (1) or not (0)"
 SUBMISSION_ROUTES = {"/v1/images": JobKind.IMAGE, "/v1/videos": JobKind.VIDEO}
 # Error codes a submission can be refused with (app/errors.py, app/submission.py), exported from the
 # start at 0 so that a rejection-rate panel has a series before the first rejection.
@@ -84,7 +85,10 @@ class ClusterCollector(Collector):
                 reaped.add_metric([model, outcome], float(value))
         except RedisError as exc:
             log.warning("metrics: redis unavailable: %s", exc)
-            return  # no cluster series rather than wrong ones; dit_http_* still tell the story
+            # No cluster series rather than wrong ones; dit_http_* and this still tell the story.
+            yield GaugeMetricFamily(REDIS_UP, REDIS_UP_HELP, value=0)
+            return
+        yield GaugeMetricFamily(REDIS_UP, REDIS_UP_HELP, value=1)
         yield from (depth, oldest, workers, reaped)
 
 

@@ -136,6 +136,7 @@ def test_api_answers_503_with_the_error_shape_when_redis_is_down(tmp_path: Path)
         assert 'dit_jobs_rejected_total{kind="image",reason="redis_unavailable"} 1.0' in metrics.text
         assert 'route="/v1/models",status="503"} 1.0' in metrics.text
         assert "dit_workers_live" not in metrics.text and "dit_queue_depth" not in metrics.text
+        assert "\ndit_redis_up 0.0\n" in metrics.text
     finally:
         api.terminate()
         api.wait(timeout=20)

@@ -179,7 +179,7 @@ def test_api_counts_refusals_and_reads_the_queues(observed: tuple[Service, str, 
         sum(v for (name, _), v in after.items() if name == "dit_jobs_rejected_total")
         == sum(v for (name, _), v in before.items() if name == "dit_jobs_rejected_total") + 3
     )
-    assert metric(after, "dit_workers_live") == 1
+    assert metric(after, "dit_workers_live") == metric(after, "dit_redis_up") == 1
     assert metric(after, "dit_queue_depth", queue="dit-serve.img", model="img") == 0
     assert metric(after, "dit_queue_oldest_job_age_seconds", queue="dit-serve.img", model="img") == 0
 
@@ -242,7 +242,7 @@ def test_every_dashboard_panel_and_alert_rule_works_in_prometheus(
         time.sleep(0.5)
     assert {rule["name"]: rule["health"] for rule in loaded} == dict.fromkeys(names, "ok")
     firing = {alert["labels"]["alertname"] for alert in prometheus.alerts()}
-    assert not firing & {"DitNoLiveWorker", "DitAPIDown", "DitWorkerMetricsDown"}, firing
+    assert not firing & {"DitNoLiveWorker", "DitRedisDown", "DitAPIDown", "DitWorkerMetricsDown"}, firing
 
     # The worker stops: its heartbeat goes, and the no-live-worker alert starts (pending for 1 m).
     worker = svc.workers[0]
