@@ -1,4 +1,4 @@
-"""Static against continuous batching at the same Poisson loads, interleaved: `dit-serve bench-batching`.
+"""Static against continuous batching at the same Poisson loads, interleaved: bench.compare_batching.
 
 The two modes run one after the other in every repeat, in alternating order (static first in even
 repeats, continuous first in odd ones), each on a fresh service (API, worker, Redis) and the same
@@ -63,7 +63,9 @@ def format_table(results: dict[str, dict[float, list[Result]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dit-serve bench-batching", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare_batching", description=__doc__.splitlines()[0]
+    )
     add_workload_flags(parser, "requests per mode, rate and repeat")
     parser.add_argument("--rates", type=float, nargs="+", required=True, help="Poisson arrivals/s")
     parser.add_argument("--repeats", type=int, default=2)

@@ -1,4 +1,4 @@
-"""The service against what a user would build instead, in one run: `dit-serve bench`.
+"""The service against what a user would build instead, in one run: `python -m bench.service`.
 
 Same model, steps, guidance and samples throughout:
 - naive: one `DiTPipeline` call per request, one request at a time, PNG-encoded (a plain web handler);
@@ -193,9 +193,7 @@ class ServiceUnderTest:
         for command in ("api", "worker"):
             log = open(self.workdir / f"{command}.log", "ab")  # noqa: SIM115 - the child owns it
             self.processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "dit_serve.cli", command], env=self.env, stdout=log, stderr=log
-                )
+                subprocess.Popen([sys.executable, "-m", "cli", command], env=self.env, stdout=log, stderr=log)
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -400,7 +398,7 @@ def add_workload_flags(parser: argparse.ArgumentParser, requests_help: str) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dit-serve bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.splitlines()[0])
     add_workload_flags(parser, "requests per scenario")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument(

@@ -26,7 +26,7 @@ COPY worker ./worker
 COPY models ./models
 COPY dit_serve ./dit_serve
 COPY evaluation ./evaluation
-COPY bench ./bench
+COPY cli ./cli
 RUN pip install --no-cache-dir --no-deps .
 
 # ---- runtime ----

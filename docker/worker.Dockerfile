@@ -37,7 +37,7 @@ COPY worker ./worker
 COPY models ./models
 COPY dit_serve ./dit_serve
 COPY evaluation ./evaluation
-COPY bench ./bench
+COPY cli ./cli
 RUN pip install --no-cache-dir --no-deps .
 
 # Non-root, the same uid/gid as the API image so both can write the shared outputs volume.

@@ -114,7 +114,7 @@ class Service:
     def _spawn(self, command: str, log_name: str, **extra: str) -> subprocess.Popen:
         log = open(self.tmp / log_name, "ab")  # noqa: SIM115 - the process owns it
         return subprocess.Popen(
-            [sys.executable, "-m", "dit_serve.cli", command],
+            [sys.executable, "-m", "cli", command],
             env=self.env(**extra),
             stdout=log,
             stderr=subprocess.STDOUT,

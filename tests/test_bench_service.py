@@ -1,4 +1,4 @@
-"""`dit-serve bench` in its short form: naive, ideal and the real service, one run, JSON and a plot."""
+"""`python -m bench.service`, short form: naive, ideal and the real service, one run, JSON and a plot."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ from PIL import Image
 
 def test_short_benchmark_reports_every_scenario(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    command = [sys.executable, "-m", "dit_serve.cli", "bench", "--model-dir", str(model_dirs["img"])]
+    command = [sys.executable, "-m", "bench.service", "--model-dir", str(model_dirs["img"])]
     command += ["--requests", "6", "--concurrency", "1", "3", "--poisson", "0.5", "--batch", "3"]
     command += ["--steps", "3", "--max-wait-ms", "200", "--json", str(out), "--plot", str(plot)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -41,7 +41,7 @@ def test_batching_comparison_alternates_modes_on_fresh_services(
     model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "batching.json"
-    command = [sys.executable, "-m", "dit_serve.cli", "bench-batching", "--model-dir", str(model_dirs["img"])]
+    command = [sys.executable, "-m", "bench.compare_batching", "--model-dir", str(model_dirs["img"])]
     command += ["--requests", "4", "--rates", "8", "--repeats", "2", "--steps", "3", "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -50,7 +50,7 @@ def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     command = ["up", "--port", str(port), "--metrics-port", str(free_port())]
     up = subprocess.Popen(
-        [sys.executable, "-m", "dit_serve.cli", *command],
+        [sys.executable, "-m", "cli", *command],
         cwd=tmp_path, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -107,7 +107,7 @@ def test_api_answers_503_with_the_error_shape_when_redis_is_down(tmp_path: Path)
     port = free_port()
     env = {**_clean_env(), "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "DIT_OUTPUT_DIR": str(tmp_path)}
     api = subprocess.Popen(
-        [sys.executable, "-m", "dit_serve.cli", "api", "--port", str(port)],
+        [sys.executable, "-m", "cli", "api", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"

@@ -462,9 +462,7 @@ def test_api_healthchecks_against_a_real_api(redis_url: str, tmp_path: Path) -> 
         assert run_with_python(command, env).returncode != 0, "healthy with no API listening"
     log = tmp_path / "api.log"
     with log.open("wb") as out:
-        api = subprocess.Popen(
-            [sys.executable, "-m", "dit_serve.cli", "api"], env=env, stdout=out, stderr=out
-        )
+        api = subprocess.Popen([sys.executable, "-m", "cli", "api"], env=env, stdout=out, stderr=out)
     try:
         _wait_for_healthz(f"http://127.0.0.1:{port}/healthz", api)
         for command in commands:

@@ -44,7 +44,7 @@ def test_a_missing_path_that_is_no_hub_id_names_the_model(tmp_path: Path) -> Non
 def test_an_unreachable_hub_fails_the_worker_fast_and_clearly(tmp_path: Path, redis_url: str) -> None:
     """No network: the worker exits at once, naming the model and what to run, without a traceback."""
     result = subprocess.run(
-        [sys.executable, "-m", "dit_serve.cli", "worker", "--redis-url", redis_url, "--device", "cpu",
+        [sys.executable, "-m", "cli", "worker", "--redis-url", redis_url, "--device", "cpu",
          "--output-dir", str(tmp_path / "out"), "--model", "xl=facebook/DiT-XL-2-256"],
         env=_offline_env(tmp_path), capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -62,7 +62,7 @@ COMMON_FLAGS = [
 ]
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit-serve", description="Serve Diffusion Transformers over HTTP.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -92,13 +92,6 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out-dir", default=None, help="where to write the model (default: models/bundled)")
     train.add_argument(
         "--device", default="cpu", help="cpu (the recorded recipe) or cuda (same data and noise)"
-    )
-    commands.add_parser(
-        "bench", help="the service against one-call-per-request DiTPipeline and raw batches (see --help)"
-    )
-    commands.add_parser(
-        "bench-batching",
-        help="static against continuous batching at the same loads, interleaved (see --help)",
     )
     evaluate = commands.add_parser(
         "eval", help="score the bundled models' label accuracy through the real sampler"
@@ -201,7 +194,7 @@ def run_up(settings: Settings) -> None:
         # One scrape target for the host: the API's /metrics carries the worker's.
         url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
         settings = settings.model_copy(update={"worker_metrics_url": url})
-    worker = subprocess.Popen([sys.executable, "-m", "dit_serve.cli", "worker"], env=_environment(settings))
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=_environment(settings))
     try:
         run_api(settings)
     finally:
@@ -216,17 +209,7 @@ def run_up(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # its own flags: `dit-serve bench --help`
-        from bench.service import main as run_bench
-
-        run_bench(argv[1:])
-        return
-    if argv[:1] == ["bench-batching"]:
-        from bench.compare_batching import main as run_comparison
-
-        run_comparison(argv[1:])
-        return
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command in ("train", "eval"):
         _setup_logging("info")
         run_train(args) if args.command == "train" else run_evaluation(args)
