@@ -1,8 +1,15 @@
-"""Request and response bodies of the v1 API (diffusers' parameter names)."""
+"""Request and response bodies of the v1 API (diffusers' parameter names).
+
+Request bodies inherit `ClientOptions` from the job contract (dit_serve/contract.py): fields that travel
+unchanged to the worker are declared there once. Model descriptions are the contract's `ModelSpec`.
+"""
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dit_serve.contract import ClientOptions, JobRequest, ModelSpec
+from dit_serve.jobs import JobError
 
 MAX_OUTPUTS = 8
 MAX_PROMPT_CHARS = 1000
@@ -13,23 +20,38 @@ MAX_FPS = 60
 SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 
 
-class GenerationRequest(BaseModel):
+MODEL_DEFAULT = "default: the model's `defaults` (GET /v1/models)"
+
+
+class GenerationRequest(ClientOptions):
     """Fields shared by image and video requests; unknown fields are rejected."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, min_length=1, max_length=200, description="default: the default model")
-    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="text models: the prompt; class models: a label name (or give class_labels)",
+    )
     negative_prompt: str | None = Field(
         None, max_length=MAX_PROMPT_CHARS, description='text models only; default ""'
     )
-    class_labels: list[int] | None = Field(None, min_length=1, max_length=MAX_OUTPUTS)
-    size: str | None = Field(None, pattern=SIZE_PATTERN, description='"WxH"; default: the native size')
-    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default 25")
-    guidance_scale: float | None = Field(
-        None, ge=0.0, le=MAX_GUIDANCE, description="default 4.0; <= 1: no CFG"
+    class_labels: list[int] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_OUTPUTS,
+        description="class models: class ids, one for all outputs or one per output",
     )
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="output k uses seed + k")
+    size: str | None = Field(
+        None, pattern=SIZE_PATTERN, description='"WxH"; default: the model\'s `default_size`'
+    )
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description=MODEL_DEFAULT)
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, description=f"{MODEL_DEFAULT}; <= 1: no CFG"
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: random; output k uses seed + k")
 
     @model_validator(mode="after")
     def _one_condition(self) -> "GenerationRequest":
@@ -45,14 +67,9 @@ class ImageRequest(GenerationRequest):
 
 class VideoRequest(GenerationRequest):
     n: Literal[1] = 1
-    num_frames: int | None = Field(None, ge=1, description="default and maximum: the model's")
+    num_frames: int | None = Field(None, ge=1, description=f"{MODEL_DEFAULT}; at most its `max_frames`")
     fps: int = Field(8, ge=1, le=MAX_FPS)
     output_format: Literal["mp4", "gif", "webp"] = "mp4"
-
-
-class JobErrorBody(BaseModel):
-    code: str
-    message: str
 
 
 class OutputBody(BaseModel):
@@ -80,26 +97,11 @@ class JobBody(BaseModel):
     created_at: float | None
     started_at: float | None
     completed_at: float | None
-    request: dict
+    request: JobRequest
     outputs: list[OutputBody]
-    error: JobErrorBody | None
-
-
-class ModelBody(BaseModel):
-    name: str
-    kind: str
-    family: str
-    conditioning: Literal["class", "text"]
-    sizes: list[str]
-    default_size: str
-    size_multiple: int | None
-    max_pixels: int | None
-    defaults: dict
-    labels: list[str] | None
-    max_frames: int | None
-    frames_multiple: int
+    error: JobError | None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelBody]
+    data: list[ModelSpec]

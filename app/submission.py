@@ -1,14 +1,11 @@
 """Turn a validated request into a normalised job for one served model, or a clear 4xx error."""
 
-import json
 import secrets
-import time
 import uuid
 
 from app.errors import InvalidRequest, ServiceUnavailable
 from app.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
-from dit_serve.catalog import ModelSpec
-from dit_serve.jobs import TEXT_CONDITIONING, JobKind, RecordField, compat_key
+from dit_serve.contract import ClientOptions, ConditioningKind, JobKind, JobRequest, ModelSpec
 from dit_serve.labels import UnknownLabelError, label_id
 
 
@@ -37,9 +34,9 @@ def choose_model(
     return of_kind[requested]
 
 
-def _conditions(request: GenerationRequest, n: int, spec: ModelSpec) -> dict:
+def _conditions(request: GenerationRequest, n: int, spec: ModelSpec) -> dict[str, object]:
     """The request's condition fields for this model: class ids, or a prompt and negative prompt."""
-    if spec.conditioning == TEXT_CONDITIONING:
+    if spec.conditioning is ConditioningKind.TEXT:
         if request.prompt is None:
             raise InvalidRequest(
                 f"model {spec.name} takes a text prompt; class_labels is for class-conditional models"
@@ -54,19 +51,25 @@ def _conditions(request: GenerationRequest, n: int, spec: ModelSpec) -> dict:
 
 
 def _class_labels(request: GenerationRequest, n: int, spec: ModelSpec) -> list[int]:
-    labels = spec.labels or []
+    num_classes = spec.num_classes or len(spec.labels or [])
     if request.prompt is not None:
+        if not spec.labels:
+            raise InvalidRequest(
+                f"model {spec.name} has no label names (its model_index.json has no id2label), so a prompt "
+                f"cannot name a class; send class_labels with ids 0..{num_classes - 1} instead",
+                "no_label_names",
+            )
         try:
-            return [label_id(request.prompt, labels)] * n
+            return [label_id(request.prompt, spec.labels)] * n
         except UnknownLabelError as exc:
             raise InvalidRequest(str(exc), "unknown_label") from exc
     ids = list(request.class_labels or [])
     if len(ids) not in (1, n):
         raise InvalidRequest(f"class_labels has {len(ids)} ids; give 1 (for all outputs) or n = {n}")
     for class_id in ids:
-        if not 0 <= class_id < len(labels):
+        if not 0 <= class_id < num_classes:
             raise InvalidRequest(
-                f"class label {class_id} out of range: model {spec.name} has ids 0..{len(labels) - 1}"
+                f"class label {class_id} out of range: model {spec.name} has ids 0..{num_classes - 1}"
             )
     return ids * n if len(ids) == 1 else ids
 
@@ -108,48 +111,28 @@ def _frames(request: VideoRequest, spec: ModelSpec) -> int:
     return frames
 
 
-def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSpec) -> dict:
-    """The full request with every default filled in and the seed chosen; what the worker runs."""
+def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSpec) -> JobRequest:
+    """The full request with every default filled in from the model's spec and the seed chosen."""
     width, height = _size(request, spec)
-    n = request.n
-    normalised = {
-        "kind": kind.value,
-        "model": spec.name,
-        **_conditions(request, n, spec),
-        "n": n,
-        "size": f"{width}x{height}",
-        "width": width,
-        "height": height,
-        "num_inference_steps": request.num_inference_steps or spec.defaults.num_inference_steps,
-        "guidance_scale": spec.defaults.guidance_scale
+    frames, fps = (_frames(request, spec), request.fps) if isinstance(request, VideoRequest) else (1, None)
+    return JobRequest(
+        **request.model_dump(include=set(ClientOptions.model_fields)),  # fields that pass through as given
+        kind=kind,
+        model=spec.name,
+        **_conditions(request, request.n, spec),  # type: ignore[arg-type]
+        n=request.n,
+        width=width,
+        height=height,
+        num_inference_steps=request.num_inference_steps or spec.defaults.num_inference_steps,
+        guidance_scale=spec.defaults.guidance_scale
         if request.guidance_scale is None
         else request.guidance_scale,
-        "seed": request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
-        "output_format": request.output_format,
-    }
-    if isinstance(request, VideoRequest):
-        normalised |= {"num_frames": _frames(request, spec), "fps": request.fps}
-    return normalised
-
-
-def new_record(normalised: dict, kind: JobKind) -> tuple[str, dict[str, str]]:
-    """A fresh job id and the fields of its record."""
-    frames = int(normalised.get("num_frames", 1))
-    compat = compat_key(
-        normalised["model"],
-        kind,
-        normalised["width"],
-        normalised["height"],
-        normalised["num_inference_steps"],
-        frames,
+        seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
+        output_format=request.output_format,  # type: ignore[arg-type]
+        num_frames=frames,
+        fps=fps,
     )
-    record = {
-        RecordField.KIND.value: kind.value,
-        RecordField.MODEL.value: normalised["model"],
-        RecordField.REQUEST.value: json.dumps(normalised),
-        RecordField.COMPAT.value: compat,
-        RecordField.SAMPLES.value: str(normalised["n"]),
-        RecordField.CREATED_AT.value: repr(time.time()),
-        RecordField.PROGRESS.value: "0",
-    }
-    return uuid.uuid4().hex, record
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex

@@ -38,7 +38,7 @@ from models.families.base import LoadedModel, RowCondition
 from models.families.class_dit import ClassConditionalDiT
 from models.families.pixart import PixArt
 from models.families.wan import Wan
-from models.tiny_text import build_t5_tokenizer
+from tests.tiny_text_models import build_t5_tokenizer
 from worker.sampling import generate
 
 GB = 1024**3

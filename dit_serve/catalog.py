@@ -1,12 +1,12 @@
-"""The model catalog: what each live worker serves, published in Redis for the API to read."""
+"""The model catalog: what each live worker serves (each model's ModelSpec), published in Redis."""
 
 import json
 import time
 
-from pydantic import BaseModel
 from redis import Redis
 
-from dit_serve.jobs import CLASS_CONDITIONING, KEY_PREFIX
+from dit_serve.contract import ModelSpec
+from dit_serve.jobs import KEY_PREFIX
 
 WORKERS_KEY = f"{KEY_PREFIX}:workers"  # sorted set: worker name -> unix time its registration expires
 
@@ -15,34 +15,9 @@ def worker_key(name: str) -> str:
     return f"{KEY_PREFIX}:worker:{name}"
 
 
-class ModelDefaults(BaseModel):
-    num_inference_steps: int
-    guidance_scale: float
-    num_frames: int | None
-
-
-class ModelSpec(BaseModel):
-    """What a client may ask of one model; built by the worker from the loaded checkpoint."""
-
-    name: str
-    kind: str  # "image" | "video"
-    family: str
-    conditioning: str = (
-        CLASS_CONDITIONING  # "class": prompts name labels; "text": free text (and negative_prompt)
-    )
-    sizes: list[str]
-    default_size: str
-    size_multiple: int | None = None  # when set, any WxH with sides multiples of it ...
-    max_pixels: int | None = None  # ... and W*H at most this is accepted besides `sizes`
-    defaults: ModelDefaults
-    labels: list[str] | None
-    max_frames: int | None = None
-    frames_multiple: int = 1  # num_frames - 1 must be a multiple of this
-
-
 def publish_worker(redis: Redis, name: str, models: list[ModelSpec], ttl_s: float) -> None:
     """Register (or refresh) a live worker and the models it serves; it vanishes ttl_s after the last call."""
-    payload = json.dumps([spec.model_dump() for spec in models])
+    payload = json.dumps([spec.model_dump(mode="json") for spec in models])
     with redis.pipeline() as pipe:
         pipe.set(worker_key(name), payload, px=int(ttl_s * 1000))
         pipe.zadd(WORKERS_KEY, {name: time.time() + ttl_s})

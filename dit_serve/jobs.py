@@ -6,14 +6,15 @@ request, progress, outputs, error, cancel flag) lives in our own hash `dit:job:<
 """
 
 import json
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from dit_serve.contract import SCHEMA_VERSION, JobKind, JobRequest, JobSchemaError, too_new
 
 KEY_PREFIX = "dit"
-# How a model reads a request's condition (published per model in GET /v1/models):
-CLASS_CONDITIONING = "class"  # prompts name labels of the checkpoint's id2label, or class_labels
-TEXT_CONDITIONING = "text"  # free-text prompt and negative_prompt through a text encoder
 # What RQ would call if a stock `rq worker` took one of our jobs: it explains itself and fails.
 TASK_FUNCTION = "worker.rq_task.run"
 
@@ -26,10 +27,7 @@ class JobStatus(StrEnum):
     CANCELED = "canceled"
 
 
-class JobKind(StrEnum):
-    IMAGE = "image"
-    VIDEO = "video"
-
+ENDED_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED})
 
 # RQ's job statuses (rq.job.JobStatus values) as the API reports them.
 STATUS_FROM_RQ = {
@@ -46,19 +44,20 @@ STATUS_FROM_RQ = {
 
 
 class RecordField(StrEnum):
-    """Fields of the `dit:job:<id>` hash."""
+    """Fields of the `dit:job:<id>` hash (the Lua scripts in worker/queue.py and queueing.py use them too)."""
 
+    SCHEMA_VERSION = "schema_version"  # of the request: an older worker leaves a newer job alone
     KIND = "kind"
     MODEL = "model"
-    REQUEST = "request"  # JSON: the normalised request, including the effective seed
+    REQUEST = "request"  # JSON: the JobRequest
     COMPAT = "compat"  # jobs with equal compat keys can share one denoising loop
     SAMPLES = "samples"  # how many rows the job adds to a batch (n)
     CREATED_AT = "created_at"
     STARTED_AT = "started_at"
     COMPLETED_AT = "completed_at"
     PROGRESS = "progress"
-    OUTPUTS = "outputs"  # JSON list of output descriptions
-    ERROR = "error"  # JSON {"code", "message"}
+    OUTPUTS = "outputs"  # JSON list of OutputRecord
+    ERROR = "error"  # JSON JobError
     CANCEL = "cancel"  # "1" when a client asked to cancel a running job
     EXECUTION = "execution"  # id of the batch run that holds the job now
     WORKER = "worker"
@@ -88,30 +87,118 @@ def wake_key(queue: str) -> str:
     return f"{KEY_PREFIX}:wake:{queue}"
 
 
-def compat_key(model: str, kind: JobKind, width: int, height: int, steps: int, num_frames: int) -> str:
-    """Jobs that may share one batched denoising loop: same model, size, steps and frames."""
-    return f"{model}|{kind.value}|{width}x{height}|{steps}|{num_frames}"
+class JobError(BaseModel):
+    """Why a job failed: a stable code and a message that says what to do."""
 
+    model_config = ConfigDict(frozen=True)
 
-@dataclass(frozen=True)
-class JobError:
     code: str
     message: str
 
-    def to_json(self) -> str:
-        return json.dumps({"code": self.code, "message": self.message})
+
+class OutputRecord(BaseModel):
+    """One stored output of a completed job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    content_type: str
+    width: int
+    height: int
+    seed: int
+    bytes: int
+    key: str  # where the storage backend keeps it
+    num_frames: int | None = None  # videos only
 
 
-def loads_or(value: bytes | str | None, default: Any) -> Any:
-    return json.loads(value) if value else default
+class JobRecord(BaseModel):
+    """A job's `dit:job:<id>` hash, typed: written by the API, advanced by workers, read by both."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    request: JobRequest
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    progress: int = 0
+    outputs: list[OutputRecord] = []
+    error: JobError | None = None
+    cancel: bool = False
+    execution: str | None = None
+    worker: str | None = None
+    attempts: int = 0
+
+    @property
+    def kind(self) -> JobKind:
+        return self.request.kind
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    @classmethod
+    def new(cls, request: JobRequest) -> "JobRecord":
+        return cls(schema_version=request.schema_version, request=request, created_at=time.time())
+
+    def creation_fields(self) -> dict[str, str]:
+        """The hash fields the API writes when it accepts the job."""
+        return {
+            RecordField.SCHEMA_VERSION: str(self.schema_version),
+            RecordField.KIND: self.kind.value,
+            RecordField.MODEL: self.model,
+            RecordField.REQUEST: self.request.to_json(),
+            RecordField.COMPAT: self.request.compat,
+            RecordField.SAMPLES: str(self.request.n),
+            RecordField.CREATED_AT: repr(self.created_at),
+            RecordField.PROGRESS: "0",
+        }
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[bytes, bytes]) -> "JobRecord":
+        """Parse the hash as Redis returns it; JobSchemaError when a newer dit-serve wrote it."""
+        fields = {key.decode(): value.decode() for key, value in raw.items()}
+        version = int(fields.get(RecordField.SCHEMA_VERSION, SCHEMA_VERSION))
+        if version > SCHEMA_VERSION:
+            raise JobSchemaError(too_new(version))
+
+        def number(field: RecordField) -> float | None:
+            return float(fields[field]) if fields.get(field) else None
+
+        return cls(
+            schema_version=version,
+            request=JobRequest.from_json(fields[RecordField.REQUEST]),
+            created_at=number(RecordField.CREATED_AT) or 0.0,
+            started_at=number(RecordField.STARTED_AT),
+            completed_at=number(RecordField.COMPLETED_AT),
+            progress=int(fields.get(RecordField.PROGRESS) or 0),
+            outputs=[OutputRecord.model_validate(o) for o in _json_list(fields.get(RecordField.OUTPUTS))],
+            error=JobError.model_validate_json(fields[RecordField.ERROR])
+            if RecordField.ERROR in fields
+            else None,
+            cancel=fields.get(RecordField.CANCEL) == "1",
+            execution=fields.get(RecordField.EXECUTION),
+            worker=fields.get(RecordField.WORKER),
+            attempts=int(fields.get(RecordField.ATTEMPTS) or 0),
+        )
+
+
+def _json_list(value: str | None) -> list:
+    return json.loads(value) if value else []
+
+
+def outputs_json(outputs: list[OutputRecord]) -> str:
+    return "[" + ",".join(output.model_dump_json() for output in outputs) + "]"
 
 
 # Error codes a worker fails a job with (a job's `error.code`).
 SAMPLING_FAILED = "sampling_failed"
 STORAGE_FAILED = "storage_failed"
+INVALID_JOB = "invalid_job"  # a record this worker cannot read (damaged); a newer one is left queued
+NO_WORKER = "no_worker"  # failed by the reaper: no live worker has served its model for too long
 
 # An RQ job that failed without our error record was failed by RQ's abandoned-job cleanup.
 WORKER_LOST = JobError(
-    "worker_lost",
-    "The worker running this job stopped (crashed or was killed) and the job had no retries left.",
+    code="worker_lost",
+    message="The worker running this job stopped (crashed or was killed) and the job had no retries left.",
 )

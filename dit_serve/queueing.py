@@ -16,7 +16,7 @@ from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from dit_serve.jobs import (
     KEY_PREFIX,
     TASK_FUNCTION,
-    RecordField,
+    JobRecord,
     ended_key,
     queue_name,
     record_key,
@@ -65,12 +65,11 @@ def rq_timestamp(unix: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix)) + f".{int(unix % 1 * 1e6):06d}Z"
 
 
-def enqueue_job(
-    redis: Redis, job_id: str, model: str, record: dict[str, str], *, retries: int, ttl_s: int
-) -> None:
+def enqueue_job(redis: Redis, job_id: str, record: JobRecord, *, retries: int, ttl_s: int) -> None:
     """Write the job's record, then put it on its model's RQ queue and wake one idle worker."""
+    model = record.model
     name = queue_name(model)
-    redis.hset(record_key(job_id), mapping=record)  # type: ignore[arg-type]  # redis-py's key type is invariant
+    redis.hset(record_key(job_id), mapping=record.creation_fields())  # type: ignore[arg-type]
     Queue(name, connection=redis).enqueue(
         TASK_FUNCTION,
         job_id,
@@ -79,7 +78,7 @@ def enqueue_job(
         result_ttl=ttl_s,
         failure_ttl=ttl_s,
         job_timeout=-1,
-        description=f"dit-serve {record.get(RecordField.KIND.value, 'job')} on {model}",
+        description=f"dit-serve {record.kind} on {model}",
     )
     with redis.pipeline() as pipe:
         pipe.lpush(wake_key(name), "1")

@@ -56,8 +56,8 @@ def redis(redis_url: str) -> Iterator[Redis]:
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random-weight pipelines on disk: one per family, and a slow video model for cancel/crash tests."""
-    from models.tiny import build_tiny_image_model, build_tiny_video_model
-    from models.tiny_text import build_tiny_pixart_model, build_tiny_wan_model
+    from tests.tiny_models import build_tiny_image_model, build_tiny_video_model
+    from tests.tiny_text_models import build_tiny_pixart_model, build_tiny_wan_model
 
     root = tmp_path_factory.mktemp("models")
     return {

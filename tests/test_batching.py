@@ -2,19 +2,24 @@
 
 import pytest
 
+from dit_serve.contract import JobKind, JobRequest, OutputFormat
 from worker.batching import Batch, JobTicket
 
+SIZE = {"width": 32, "height": 32, "output_format": OutputFormat.PNG}
 
-def _ticket(job_id: str, n: int = 1, compat: str = "m|image|32x32|25|1", seed: int = 10) -> JobTicket:
-    request = {
-        "kind": "image",
-        "model": "m",
-        "n": n,
-        "seed": seed,
-        "class_labels": list(range(n)),
-        "guidance_scale": 4.0,
-    }
-    return JobTicket(job_id, "dit-serve.m", "exec", compat, request)
+
+def _ticket(job_id: str, n: int = 1, steps: int = 25, seed: int = 10) -> JobTicket:
+    request = JobRequest(
+        kind=JobKind.IMAGE,
+        model="m",
+        n=n,
+        seed=seed,
+        class_labels=list(range(n)),
+        guidance_scale=4.0,
+        num_inference_steps=steps,
+        **SIZE,
+    )
+    return JobTicket(job_id, "dit-serve.m", "exec", request)
 
 
 def test_rows_follow_jobs_with_seed_plus_index() -> None:
@@ -30,9 +35,18 @@ def test_rows_follow_jobs_with_seed_plus_index() -> None:
 
 
 def test_text_rows_carry_prompt_and_negative_prompt() -> None:
-    request = {"kind": "image", "model": "p", "n": 2, "seed": 7, "guidance_scale": 4.5}
-    request |= {"prompt": "a red fox", "negative_prompt": "blurry"}
-    rows = JobTicket("t", "dit-serve.p", "exec", "p|image|64x64|20|1", request).rows()
+    request = JobRequest(
+        kind=JobKind.IMAGE,
+        model="p",
+        n=2,
+        seed=7,
+        guidance_scale=4.5,
+        num_inference_steps=20,
+        prompt="a red fox",
+        negative_prompt="blurry",
+        **SIZE,
+    )
+    rows = JobTicket("t", "dit-serve.p", "exec", request).rows()
     conditions = {
         (row.condition.prompt, row.condition.negative_prompt, row.condition.class_label) for row in rows
     }
@@ -42,7 +56,7 @@ def test_text_rows_carry_prompt_and_negative_prompt() -> None:
 def test_incompatible_or_duplicate_jobs_cannot_join() -> None:
     batch = Batch.from_tickets([_ticket("a")])
     with pytest.raises(ValueError, match="cannot join"):
-        batch.add(_ticket("b", compat="m|image|32x32|10|1"))
+        batch.add(_ticket("b", steps=10))
     with pytest.raises(ValueError, match="already"):
         batch.add(_ticket("a"))
     with pytest.raises(ValueError, match="at least one"):

@@ -1,7 +1,7 @@
 """Every DiT family through the one batched sampler equals its own diffusers pipeline.
 
 Tiny random-weight checkpoints of each family are built from config and saved in the hub layout
-(models/tiny.py, models/tiny_text.py), loaded through the registry, and sampled by the service's code;
+(tests/tiny_models.py, tests/tiny_text_models.py), loaded through the registry, and sampled by our code;
 the reference is the family's diffusers pipeline called once per request with the same seed. Batching
 four different requests (prompts, negative prompts, seeds, guidance scales) changes none of them.
 """
@@ -146,21 +146,26 @@ def test_negative_prompt_changes_a_text_model_output(model_dirs: dict[str, Path]
 def test_text_models_describe_their_limits(model_dirs: dict[str, Path]) -> None:
     pixart = load_model("p", model_dirs["pixart-alpha"], CPU)
     wan = load_model("w", model_dirs["wan"], CPU)
-    assert (pixart.family, pixart.kind, pixart.conditioning, pixart.limits().sizes) == (
+    assert (pixart.family, pixart.kind, pixart.conditioning, pixart.spec().sizes) == (
         "pixart",
         "image",
         "text",
         ["32x32"],
     )
-    limits = wan.limits()
-    assert (wan.family, wan.kind, limits.sizes[0], limits.size_multiple, limits.frames_multiple) == (
+    assert pixart.spec().defaults.model_dump() == {
+        "num_inference_steps": 20,
+        "guidance_scale": 4.5,
+        "num_frames": None,
+    }
+    spec = wan.spec()
+    assert (spec.family, spec.kind, spec.sizes[0], spec.size_multiple, spec.frames_multiple) == (
         "wan",
         "video",
         "832x480",
         16,
         4,
     )
-    assert (limits.default_steps, limits.default_guidance, limits.max_frames) == (50, 5.0, 81)
+    assert (spec.defaults.num_inference_steps, spec.defaults.guidance_scale, spec.max_frames) == (50, 5.0, 81)
     assert wan.latent_shape(832, 480, 81) == (16, 21, 60, 104)
 
 

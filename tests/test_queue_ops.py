@@ -1,13 +1,13 @@
 """The Lua queue operations against a real Redis: take, settle, cancel, reap."""
 
-import json
 import time
 
 from redis import Redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from dit_serve.jobs import JobError, JobKind, compat_key, queue_name, record_key
+from dit_serve.contract import JobKind, JobRequest, OutputFormat
+from dit_serve.jobs import JobError, JobRecord, OutputRecord, queue_name, record_key
 from dit_serve.queueing import cancel_job, enqueue_job, reap_lost_jobs
 from worker.queue import JobQueue
 
@@ -17,23 +17,22 @@ TTL_S = 3600
 
 
 def _enqueue(redis: Redis, job_id: str, steps: int = 25, n: int = 1, retries: int = 2) -> None:
-    request = {
-        "kind": "image",
-        "model": MODEL,
-        "n": n,
-        "seed": 1,
-        "class_labels": [0] * n,
-        "guidance_scale": 4.0,
-    }
-    record = {
-        "kind": "image",
-        "model": MODEL,
-        "request": json.dumps(request),
-        "compat": compat_key(MODEL, JobKind.IMAGE, 32, 32, steps, 1),
-        "samples": str(n),
-        "created_at": repr(time.time()),
-    }
-    enqueue_job(redis, job_id, MODEL, record, retries=retries, ttl_s=TTL_S)
+    enqueue_job(redis, job_id, JobRecord.new(_request(steps, n)), retries=retries, ttl_s=TTL_S)
+
+
+def _request(steps: int = 25, n: int = 1) -> JobRequest:
+    return JobRequest(
+        kind=JobKind.IMAGE,
+        model=MODEL,
+        n=n,
+        seed=1,
+        class_labels=[0] * n,
+        guidance_scale=4.0,
+        num_inference_steps=steps,
+        width=32,
+        height=32,
+        output_format=OutputFormat.PNG,
+    )
 
 
 def _status(redis: Redis, job_id: str) -> str:
@@ -64,7 +63,7 @@ def test_a_job_larger_than_the_batch_is_still_taken_alone(redis: Redis) -> None:
 
 def test_take_with_compat_only_takes_matching_jobs(redis: Redis) -> None:
     _enqueue(redis, "a", steps=10)
-    compat = compat_key(MODEL, JobKind.IMAGE, 32, 32, 25, 1)
+    compat = _request(steps=25).compat
     assert _queue(redis).take(QUEUE, 16, "e", compat) == []
 
 
@@ -101,8 +100,9 @@ def test_a_reaped_job_is_requeued_and_its_old_holder_cannot_settle_it(redis: Red
     assert not old.complete(stale, [])  # the old run's late result is ignored
     new = _queue(redis)
     [fresh] = new.take(QUEUE, 16, "new-exec")
-    assert not old.fail(stale, JobError("x", "y"))
-    assert new.complete(fresh, [{"index": 0}])
+    assert not old.fail(stale, JobError(code="x", message="y"))
+    output = OutputRecord(index=0, content_type="image/png", width=32, height=32, seed=1, bytes=9, key="k")
+    assert new.complete(fresh, [output])
     assert _status(redis, "a") == "finished"
     assert redis.hget(record_key("a"), "attempts") == b"2"
 

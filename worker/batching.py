@@ -2,47 +2,61 @@
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from dit_serve.contract import JobKind, JobRequest
 from models.families.base import RowCondition
 
 
 @dataclass(frozen=True)
-class JobTicket:
-    """A job a worker holds: its id, where it came from, and its normalised request."""
+class JobHandle:
+    """Which job a worker holds, and under which execution: all that settling a job needs."""
 
     job_id: str
     queue: str
     execution: str
-    compat: str
-    request: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobTicket(JobHandle):
+    """A job a worker holds, with its request parsed from the contract."""
+
+    request: JobRequest
     created_at: float = 0.0  # unix time the API accepted the job (0: unknown)
 
     @property
-    def kind(self) -> str:
-        return str(self.request["kind"])
+    def compat(self) -> str:
+        return self.request.compat
+
+    @property
+    def kind(self) -> JobKind:
+        return self.request.kind
 
     @property
     def model(self) -> str:
-        return str(self.request["model"])
+        return self.request.model
 
     @property
     def num_outputs(self) -> int:
-        return int(self.request["n"])
+        return self.request.n
 
     def rows(self) -> list["SampleRow"]:
         """Output k uses seed + k, and class_labels[k] (class models) or the prompts (text models)."""
-        seed, scale = int(self.request["seed"]), float(self.request["guidance_scale"])
-        labels = self.request.get("class_labels")
-        conditions = [
-            RowCondition(
-                class_label=int(labels[k]) if labels else None,
-                prompt=None if labels else self.request["prompt"],
-                negative_prompt=self.request.get("negative_prompt") or "",
+        request = self.request
+        labels = request.class_labels
+        return [
+            SampleRow(
+                self.job_id,
+                k,
+                request.seed + k,
+                RowCondition(
+                    class_label=labels[k] if labels else None,
+                    prompt=None if labels else request.prompt,
+                    negative_prompt=request.negative_prompt or "",
+                ),
+                request.guidance_scale,
             )
-            for k in range(self.num_outputs)
+            for k in range(request.n)
         ]
-        return [SampleRow(self.job_id, k, seed + k, conditions[k], scale) for k in range(self.num_outputs)]
 
 
 @dataclass(frozen=True)

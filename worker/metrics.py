@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dit_serve.jobs import OutputRecord
 from dit_serve.metrics import (
     BATCH_ROWS_BUCKETS,
     FINISHED_STATUSES,
@@ -176,7 +177,7 @@ class WorkerMetrics:
             self.batch_rows.labels(model, kind).observe(rows)
 
     def ended(
-        self, ticket: JobTicket, status: str, code: str = "", outputs: list[dict] | None = None
+        self, ticket: JobTicket, status: str, code: str = "", outputs: list[OutputRecord] | None = None
     ) -> None:
         self.finished.labels(ticket.model, ticket.kind, status, code).inc()
         if status != "completed":
@@ -188,7 +189,7 @@ class WorkerMetrics:
         for output in outputs or []:
             if ticket.kind == "video":
                 self.videos.labels(ticket.model).inc()
-                self.frames.labels(ticket.model).inc(int(output.get("num_frames") or 0))
+                self.frames.labels(ticket.model).inc(output.num_frames or 0)
             else:
                 self.images.labels(ticket.model).inc()
 

@@ -1,7 +1,9 @@
-"""Turn a finished job's pixels into stored files and the output descriptions the API reports."""
+"""Turn a finished job's pixels into stored files and the output records the API reports."""
 
 import numpy as np
 
+from dit_serve.contract import JobKind
+from dit_serve.jobs import OutputRecord
 from dit_serve.storage import Storage, output_key
 from worker.batching import JobTicket
 from worker.encoding import IMAGE_FORMATS, VIDEO_FORMATS, encode_image, encode_video, extension_for
@@ -10,7 +12,7 @@ from worker.stages import ENCODE, STORE, StageTimer, untimed
 
 def store_outputs(
     storage: Storage, ticket: JobTicket, pixels: list[np.ndarray], timer: StageTimer = untimed
-) -> list[dict[str, object]]:
+) -> list[OutputRecord]:
     """Encode and store each output of a job.
 
     Args:
@@ -20,28 +22,29 @@ def store_outputs(
         timer: wraps each output's encoding and its storage write, for the worker's metrics.
 
     Returns:
-        One description per output, in index order.
+        One record per output, in index order.
     """
     request = ticket.request
-    fmt = str(request["output_format"])
-    video = ticket.kind == "video"
+    fmt = request.output_format.value
+    video = request.kind is JobKind.VIDEO
     content_type = (VIDEO_FORMATS if video else IMAGE_FORMATS)[fmt]
-    outputs: list[dict[str, object]] = []
+    outputs: list[OutputRecord] = []
     for index, array in enumerate(pixels):
         with timer(ENCODE):
-            data = encode_video(array, int(request["fps"]), fmt) if video else encode_image(array, fmt)
+            data = encode_video(array, request.fps or 1, fmt) if video else encode_image(array, fmt)
+        key = output_key(ticket.job_id, index, extension_for(fmt))
         with timer(STORE):
-            storage.put(output_key(ticket.job_id, index, extension_for(fmt)), data, content_type)
-        output: dict[str, object] = {
-            "index": index,
-            "content_type": content_type,
-            "width": int(array.shape[-2]),
-            "height": int(array.shape[-3]),
-            "seed": int(request["seed"]) + index,
-            "bytes": len(data),
-            "key": output_key(ticket.job_id, index, extension_for(fmt)),
-        }
-        if video:
-            output["num_frames"] = int(array.shape[0])
-        outputs.append(output)
+            storage.put(key, data, content_type)
+        outputs.append(
+            OutputRecord(
+                index=index,
+                content_type=content_type,
+                width=int(array.shape[-2]),
+                height=int(array.shape[-3]),
+                seed=request.seed + index,
+                bytes=len(data),
+                key=key,
+                num_frames=int(array.shape[0]) if video else None,
+            )
+        )
     return outputs

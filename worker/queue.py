@@ -6,7 +6,7 @@ job hash and StartedJobRegistry (member `<job id>:<execution id>`, score = heart
 exactly where RQ would, so `rq info` counts them and RQ's abandoned-job cleanup can requeue them.
 """
 
-import json
+import logging
 import time
 import uuid
 from collections.abc import Iterable
@@ -15,20 +15,36 @@ from redis import Redis
 from rq import Queue
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from dit_serve.jobs import JobError, RecordField, ended_key, record_key, rq_job_key, wake_key
+from dit_serve.contract import SCHEMA_VERSION, JobRequest, JobSchemaError, too_new
+from dit_serve.jobs import (
+    INVALID_JOB,
+    JobError,
+    OutputRecord,
+    RecordField,
+    ended_key,
+    outputs_json,
+    record_key,
+    rq_job_key,
+    wake_key,
+)
 from dit_serve.queueing import rq_timestamp
-from worker.batching import JobTicket
+from worker.batching import JobHandle, JobTicket
+
+log = logging.getLogger(__name__)
 
 LOOKAHEAD = 256  # queued jobs scanned for compatible ones per take
 
 # KEYS: queue list, StartedJobRegistry, CanceledJobRegistry.
 # ARGV: max samples, lookahead, compat ('' = any), RQ now, heartbeat deadline, worker name,
-#       execution id, unix now, rq job key prefix, record key prefix, ttl seconds.
+#       execution id, unix now, rq job key prefix, record key prefix, ttl seconds, newest job schema
+#       this worker reads. Returns {taken ids, ids left queued because their schema is newer}.
 _TAKE_SCRIPT = """
 local max_samples = tonumber(ARGV[1])
 local compat = ARGV[3]
+local max_schema = tonumber(ARGV[12])
 local total = 0
 local taken = {}
+local too_new = {}
 local ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 for _, id in ipairs(ids) do
   local job_key = ARGV[9] .. id
@@ -38,9 +54,12 @@ for _, id in ipairs(ids) do
     -- Only queued jobs belong in a queue: drop entries of deleted or already started jobs.
     redis.call('LREM', KEYS[1], 0, id)
   else
-    local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel')
+    local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel', 'schema_version')
     local samples = tonumber(rec[2])
-    if rec[3] == '1' then
+    if (tonumber(rec[4]) or 1) > max_schema then
+      -- Written by a newer API: leave it queued for a worker that reads it.
+      too_new[#too_new + 1] = id
+    elseif rec[3] == '1' then
       redis.call('LREM', KEYS[1], 0, id)
       redis.call('HSET', job_key, 'status', 'canceled', 'ended_at', ARGV[4])
       redis.call('ZADD', KEYS[3], tonumber(ARGV[8]) + tonumber(ARGV[11]), id)
@@ -61,7 +80,7 @@ for _, id in ipairs(ids) do
     end
   end
 end
-return taken
+return {taken, too_new}
 """
 
 # Settle a held job: only if it is still started and still ours (a reaped and requeued job is not).
@@ -100,14 +119,19 @@ class JobQueue:
         self.ttl_s = ttl_s
         self._take = redis.register_script(_TAKE_SCRIPT)
         self._settle = redis.register_script(_SETTLE_SCRIPT)
+        self._told_too_new: set[str] = set()  # jobs already logged as too new, to log each once
 
     def _started(self, queue: str) -> StartedJobRegistry:
         return StartedJobRegistry(queue, connection=self.redis)
 
     def take(self, queue: str, max_samples: int, execution: str, compat: str = "") -> list[JobTicket]:
-        """Atomically take compatible queued jobs (up to max_samples outputs) from the head of `queue`."""
+        """Atomically take compatible queued jobs (up to max_samples outputs) from the head of `queue`.
+
+        Jobs written with a newer job schema than this worker's stay queued for a newer worker; a job
+        whose stored request cannot be read fails at once with `invalid_job`.
+        """
         now = time.time()
-        ids = self._take(
+        ids, newer = self._take(
             keys=[
                 self.queues[queue].key,
                 self._started(queue).key,
@@ -125,30 +149,36 @@ class JobQueue:
                 rq_job_key(""),
                 record_key(""),
                 self.ttl_s,
+                SCHEMA_VERSION,
             ],
         )
+        self._tell_too_new(queue, [job_id.decode() for job_id in newer])
         if not ids:
             return []
         with self.redis.pipeline() as pipe:
             for job_id in ids:
-                pipe.hmget(
-                    record_key(job_id.decode()),
-                    RecordField.REQUEST.value,
-                    RecordField.COMPAT.value,
-                    RecordField.CREATED_AT.value,
-                )
+                pipe.hmget(record_key(job_id.decode()), RecordField.REQUEST, RecordField.CREATED_AT)
             records = pipe.execute()
-        return [
-            JobTicket(
-                job_id.decode(),
-                queue,
-                execution,
-                compat_value.decode(),
-                json.loads(request),
-                float(created_at or 0),
-            )
-            for job_id, (request, compat_value, created_at) in zip(ids, records, strict=True)
-        ]
+        tickets = []
+        for raw_id, (request, created_at) in zip(ids, records, strict=True):
+            handle = JobHandle(raw_id.decode(), queue, execution)
+            try:
+                parsed = JobRequest.from_json(request or b"")
+            except JobSchemaError as exc:
+                log.error("job %s cannot be read by this worker: %s", handle.job_id, exc)
+                self.fail(
+                    handle, JobError(code=INVALID_JOB, message=f"the job's record is unreadable: {exc}")
+                )
+                continue
+            tickets.append(JobTicket(handle.job_id, queue, execution, parsed, float(created_at or 0)))
+        return tickets
+
+    def _tell_too_new(self, queue: str, job_ids: list[str]) -> None:
+        """Say once per job why this worker leaves it queued."""
+        for job_id in set(job_ids) - self._told_too_new:
+            hint = too_new(int(self.redis.hget(record_key(job_id), RecordField.SCHEMA_VERSION) or 0))
+            log.warning("job %s on %s left queued for a newer worker: %s", job_id, queue, hint)
+        self._told_too_new.update(job_ids)
 
     def wait_for_work(self, queues: Iterable[str], timeout_s: float) -> None:
         """Block until the API signals a new job on one of `queues`, or timeout_s passes."""
@@ -179,7 +209,7 @@ class JobQueue:
         return {job_id for job_id, flag in zip(job_ids, replies[1::2], strict=True) if flag == b"1"}
 
     def _settle_job(
-        self, ticket: JobTicket, rq_status: str, registry_key: str, fields: dict[str, str]
+        self, ticket: JobHandle, rq_status: str, registry_key: str, fields: dict[str, str]
     ) -> bool:
         now = time.time()
         pairs = [item for pair in fields.items() for item in pair]
@@ -204,15 +234,16 @@ class JobQueue:
         )
         return bool(settled)
 
-    def complete(self, ticket: JobTicket, outputs: list[dict[str, object]]) -> bool:
+    def complete(self, ticket: JobHandle, outputs: list[OutputRecord]) -> bool:
         registry = FinishedJobRegistry(ticket.queue, connection=self.redis)
-        fields = {RecordField.OUTPUTS.value: json.dumps(outputs), RecordField.PROGRESS.value: "100"}
+        fields = {RecordField.OUTPUTS.value: outputs_json(outputs), RecordField.PROGRESS.value: "100"}
         return self._settle_job(ticket, "finished", registry.key, fields)
 
-    def fail(self, ticket: JobTicket, error: JobError) -> bool:
+    def fail(self, ticket: JobHandle, error: JobError) -> bool:
         registry = FailedJobRegistry(ticket.queue, connection=self.redis)
-        return self._settle_job(ticket, "failed", registry.key, {RecordField.ERROR.value: error.to_json()})
+        fields = {RecordField.ERROR.value: error.model_dump_json()}
+        return self._settle_job(ticket, "failed", registry.key, fields)
 
-    def cancel(self, ticket: JobTicket) -> bool:
+    def cancel(self, ticket: JobHandle) -> bool:
         registry = CanceledJobRegistry(ticket.queue, connection=self.redis)
         return self._settle_job(ticket, "canceled", registry.key, {})

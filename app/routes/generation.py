@@ -5,11 +5,12 @@ from redis import Redis
 
 from app.deps import RedisDep, SettingsDep, require_json
 from app.schemas import ImageRequest, JobBody, VideoRequest
-from app.submission import choose_model, new_record, normalise
+from app.submission import choose_model, new_job_id, normalise
 from app.views import job_body
 from dit_serve.catalog import served_models
 from dit_serve.config import Settings
-from dit_serve.jobs import JobKind
+from dit_serve.contract import JobKind
+from dit_serve.jobs import JobRecord
 from dit_serve.queueing import enqueue_job
 
 router = APIRouter(prefix="/v1", tags=["generation"])
@@ -24,9 +25,8 @@ def _submit(
     response: Response,
 ) -> JobBody:
     spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
-    normalised = normalise(body, kind, spec)
-    job_id, record = new_record(normalised, kind)
-    enqueue_job(redis, job_id, spec.name, record, retries=settings.job_retries, ttl_s=settings.job_ttl_s)
+    job_id, record = new_job_id(), JobRecord.new(normalise(body, kind, spec))
+    enqueue_job(redis, job_id, record, retries=settings.job_retries, ttl_s=settings.job_ttl_s)
     request.app.state.metrics.accepted.labels(kind.value, spec.name).inc()
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return job_body(redis, job_id)

@@ -10,7 +10,7 @@ from app.deps import RedisDep, SettingsDep, StorageDep
 from app.errors import Conflict, NotFound
 from app.schemas import JobBody
 from app.views import job_body, read_record, stored_output
-from dit_serve.jobs import RecordField, ended_key
+from dit_serve.jobs import ENDED_STATUSES, ended_key
 from dit_serve.queueing import cancel_job
 from dit_serve.storage import OutputNotFoundError
 
@@ -19,7 +19,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_WAIT_S = 60.0
 WAIT_SLICE_S = 1.0  # look at the job again at least this often while waiting (a reaped job signals nothing)
-ENDED = {"completed", "failed", "canceled"}
 
 
 @router.get("/{job_id}")
@@ -36,7 +35,7 @@ async def get_job(
     """
     body = await run_in_threadpool(job_body, redis, job_id)
     deadline = time.monotonic() + wait
-    while body.status not in ENDED and (remaining := deadline - time.monotonic()) > 0:
+    while body.status not in ENDED_STATUSES and (remaining := deadline - time.monotonic()) > 0:
         key = ended_key(job_id)
         await request.app.state.waits.blmove(key, key, min(remaining, WAIT_SLICE_S), "RIGHT", "LEFT")
         body = await run_in_threadpool(job_body, redis, job_id)
@@ -60,7 +59,7 @@ def cancel(
 ) -> JobBody:
     """Cancel a job: a queued one at once (200), a running one at its next denoising step (202)."""
     record, _ = read_record(redis, job_id)
-    model = record[RecordField.MODEL.value].decode()
+    model = record.model
     outcome = cancel_job(redis, job_id, model, settings.job_ttl_s)
     if outcome == "missing":
         raise NotFound(f"no job {job_id}", "job_not_found")

@@ -5,7 +5,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import RedisDep
 from app.errors import ServiceUnavailable
-from app.schemas import ModelBody, ModelList
+from app.schemas import ModelList
 from dit_serve.catalog import live_workers, served_models
 
 router = APIRouter(tags=["system"])
@@ -13,9 +13,9 @@ router = APIRouter(tags=["system"])
 
 @router.get("/v1/models")
 def list_models(redis: RedisDep) -> ModelList:
-    """Every model a live worker serves."""
+    """Every model a live worker serves, each described by its ModelSpec as the worker published it."""
     specs = served_models(redis)
-    return ModelList(data=[ModelBody(**specs[name].model_dump()) for name in sorted(specs)])
+    return ModelList(data=[specs[name] for name in sorted(specs)])
 
 
 @router.get("/healthz")

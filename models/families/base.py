@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from dit_serve.contract import ConditioningKind, JobKind, ModelDefaults, ModelSpec
+
 # Model inputs besides the latents and timesteps, one row per output: every value is (N, ...).
 Conditioning = dict[str, torch.Tensor]
 
@@ -27,26 +29,12 @@ class RowCondition:
     negative_prompt: str = ""
 
 
-@dataclass(frozen=True)
-class ServingLimits:
-    """The sizes, frame counts and defaults clients may ask of a model (published in GET /v1/models)."""
-
-    sizes: list[str]  # "WxH" sizes always accepted; the first is the default
-    default_steps: int
-    default_guidance: float
-    size_multiple: int | None = None  # when set, any WxH with both sides multiples of it ...
-    max_pixels: int | None = None  # ... and W*H at most this is accepted too
-    max_frames: int | None = None  # videos only
-    default_frames: int | None = None
-    frames_multiple: int = 1  # num_frames - 1 must be a multiple of this (temporal VAE compression)
-
-
 class LoadedModel(ABC):
     """A model's components on their device, and its family's way of driving them."""
 
     family: str
-    kind: str  # "image" | "video"
-    conditioning: str
+    kind: JobKind
+    conditioning: ConditioningKind
 
     def __init__(self, name: str, path: Path, components: dict[str, Any], index: dict[str, Any]):
         self.name = name
@@ -79,8 +67,21 @@ class LoadedModel(ABC):
         return type(self.scheduler).from_config(self.scheduler.config)
 
     @abstractmethod
-    def limits(self) -> ServingLimits:
-        """What clients may ask of this model."""
+    def spec(self) -> ModelSpec:
+        """What clients may ask of this model: its one description (served by GET /v1/models)."""
+
+    def _spec(self, sizes: list[str], defaults: ModelDefaults, **more: Any) -> ModelSpec:
+        """The spec with this model's name, kind, family and conditioning; `sizes[0]` is the default size."""
+        return ModelSpec(
+            name=self.name,
+            kind=self.kind,
+            family=self.family,
+            conditioning=self.conditioning,
+            sizes=sizes,
+            default_size=sizes[0],
+            defaults=defaults,
+            **more,
+        )
 
     @abstractmethod
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:

@@ -9,13 +9,8 @@ from typing import Any
 
 import torch
 
-from dit_serve.jobs import CLASS_CONDITIONING
-from models.families.base import (
-    Conditioning,
-    LoadedModel,
-    RowCondition,
-    ServingLimits,
-)
+from dit_serve.contract import ConditioningKind, JobKind, ModelDefaults, ModelSpec
+from models.families.base import Conditioning, LoadedModel, RowCondition
 from models.families.kl_vae import decode_kl
 
 DEFAULT_STEPS = 25  # DiTPipeline's 250 DDPM-style steps are not needed with DDIM / DPM-Solver
@@ -37,18 +32,18 @@ def read_labels(index: dict[str, Any]) -> list[str]:
 
 class ClassConditionalDiT(LoadedModel):
     family = "dit"
-    conditioning = CLASS_CONDITIONING
+    conditioning = ConditioningKind.CLASS
 
     def __init__(self, name: str, path: Path, components: dict[str, Any], index: dict[str, Any]):
         super().__init__(name, path, components, index)
-        self.kind = "video" if hasattr(self.transformer.config, "num_frames") else "image"
-        if self.kind == "video":
+        self.kind = JobKind.VIDEO if hasattr(self.transformer.config, "num_frames") else JobKind.IMAGE
+        if self.kind is JobKind.VIDEO:
             self.family = "dit-video"
-        self._labels = read_labels(index)
+        # DiTPipeline.save_pretrained writes no id2label: such a model serves class ids, not names.
+        self._labels = read_labels(index) or None
         self.null_class_id = int(self.transformer.config.num_embeds_ada_norm)
-        if not self._labels:
-            raise ModelConfigError("class-conditional DiT without id2label in model_index.json")
-        if len(self._labels) > self.null_class_id:
+        self.num_classes = len(self._labels) if self._labels else self.null_class_id
+        if self._labels and len(self._labels) > self.null_class_id:
             raise ModelConfigError(
                 f"{len(self._labels)} labels but only {self.null_class_id} class embeddings"
             )
@@ -56,7 +51,7 @@ class ClassConditionalDiT(LoadedModel):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def labels(self) -> list[str]:
+    def labels(self) -> list[str] | None:
         return self._labels
 
     @property
@@ -65,20 +60,22 @@ class ClassConditionalDiT(LoadedModel):
 
     @property
     def max_frames(self) -> int | None:
-        return int(self.transformer.config.num_frames) if self.kind == "video" else None
+        return int(self.transformer.config.num_frames) if self.kind is JobKind.VIDEO else None
 
-    def limits(self) -> ServingLimits:
-        return ServingLimits(
-            sizes=[f"{self.native_size}x{self.native_size}"],
-            default_steps=DEFAULT_STEPS,
-            default_guidance=DEFAULT_GUIDANCE,
+    def spec(self) -> ModelSpec:
+        return self._spec(
+            [f"{self.native_size}x{self.native_size}"],
+            ModelDefaults(
+                num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, num_frames=self.max_frames
+            ),
+            labels=self.labels,
+            num_classes=self.num_classes,
             max_frames=self.max_frames,
-            default_frames=self.max_frames,
         )
 
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        if self.kind == "video":
+        if self.kind is JobKind.VIDEO:
             return (self.latent_channels, frames, h, w)
         return (self.latent_channels, h, w)
 

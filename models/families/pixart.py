@@ -18,8 +18,8 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 
-from dit_serve.jobs import TEXT_CONDITIONING
-from models.families.base import Conditioning, LoadedModel, RowCondition, ServingLimits
+from dit_serve.contract import ConditioningKind, JobKind, ModelDefaults, ModelSpec
+from models.families.base import Conditioning, LoadedModel, RowCondition
 from models.families.kl_vae import decode_kl
 from models.families.text import encode_texts
 
@@ -43,8 +43,8 @@ def _preprocess(text: str) -> str:
 
 class PixArt(LoadedModel):
     family = "pixart"
-    kind = "image"
-    conditioning = TEXT_CONDITIONING
+    kind = JobKind.IMAGE
+    conditioning = ConditioningKind.TEXT
 
     def __init__(self, name: str, path: Path, components: dict[str, Any], index: dict[str, Any]):
         super().__init__(name, path, components, index)
@@ -58,14 +58,16 @@ class PixArt(LoadedModel):
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def limits(self) -> ServingLimits:
+    def spec(self) -> ModelSpec:
         native = self.latent_size * self.vae_scale_factor
         sizes = [f"{native}x{native}"]
         for height, width in ASPECT_RATIO_BINS.get(self.latent_size, {}).values():
             size = f"{int(width)}x{int(height)}"
             if size not in sizes:
                 sizes.append(size)
-        return ServingLimits(sizes=sizes, default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE)
+        return self._spec(
+            sizes, ModelDefaults(num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE)
+        )
 
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)

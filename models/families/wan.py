@@ -13,12 +13,11 @@ from typing import Any
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from dit_serve.jobs import TEXT_CONDITIONING
+from dit_serve.contract import ConditioningKind, JobKind, ModelDefaults, ModelSpec
 from models.families.base import (
     Conditioning,
     LoadedModel,
     RowCondition,
-    ServingLimits,
     to_uint8,
 )
 from models.families.class_dit import ModelConfigError
@@ -34,8 +33,8 @@ MAX_PIXELS = 1280 * 720
 
 class Wan(LoadedModel):
     family = "wan"
-    kind = "video"
-    conditioning = TEXT_CONDITIONING
+    kind = JobKind.VIDEO
+    conditioning = ConditioningKind.TEXT
 
     def __init__(self, name: str, path: Path, components: dict[str, Any], index: dict[str, Any]):
         super().__init__(name, path, components, index)
@@ -54,15 +53,15 @@ class Wan(LoadedModel):
         patch = self.transformer.config.patch_size  # (frames, height, width)
         self.size_multiple = self.spatial_factor * int(patch[1])
 
-    def limits(self) -> ServingLimits:
-        return ServingLimits(
-            sizes=SIZES,
-            default_steps=DEFAULT_STEPS,
-            default_guidance=DEFAULT_GUIDANCE,
+    def spec(self) -> ModelSpec:
+        return self._spec(
+            SIZES,
+            ModelDefaults(
+                num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, num_frames=DEFAULT_FRAMES
+            ),
             size_multiple=self.size_multiple,
             max_pixels=MAX_PIXELS,
             max_frames=DEFAULT_FRAMES,
-            default_frames=DEFAULT_FRAMES,
             frames_multiple=self.temporal_factor,
         )
 

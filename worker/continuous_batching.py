@@ -1,53 +1,63 @@
-"""One continuously batched run in the worker: jobs join at step boundaries and leave when done.
+"""Continuous batching: jobs join a running batch at step boundaries and leave when done.
 
-Queue plumbing (take, hold, progress, cancel, settle) is the worker's; the rows are a RunningBatch
-(worker/continuous.py). The run lasts while it has rows: after every step it reports progress, drops
-canceled jobs, stores the jobs whose rows are all done, and takes compatible queued jobs into the
-free rows, unless another of the worker's queues has jobs waiting (then it drains, so that queue
-gets its turn) or the worker is stopping.
+The rows are a RunningBatch (worker/continuous.py); take, hold, progress, cancel and settle go
+through the worker's JobLedger. A run lasts while it has rows: after every step it reports progress,
+drops canceled jobs, stores the jobs whose rows are all done, and takes compatible queued jobs into
+the free rows, unless the worker yields its turn (it is stopping, or another of its queues has jobs
+waiting: the run then drains, so that queue gets its turn).
 """
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dit_serve.jobs import SAMPLING_FAILED, JobError
+from models.loading import LoadedModel
 from worker.batching import JobTicket
 from worker.continuous import RunningBatch
+from worker.ledger import JobLedger
 from worker.queue import new_execution_id
 from worker.stages import DECODE
-
-if TYPE_CHECKING:
-    from worker.runner import Worker
+from worker.strategy import YieldTurn
 
 log = logging.getLogger(__name__)
 
-SAMPLING_PROGRESS = 95  # as in the static path: decode, encode and store take the rest
+
+class ContinuousBatching:
+    """Step-level batching for models whose scheduler has a per-row step (DDIM)."""
+
+    def __init__(self, ledger: JobLedger, max_batch: int, worker_name: str, yield_turn: YieldTurn):
+        self.ledger = ledger
+        self.max_batch = max_batch
+        self.worker_name = worker_name
+        self.yield_turn = yield_turn
+
+    def run(self, queue: str, model: LoadedModel, tickets: list[JobTicket]) -> None:
+        ContinuousRun(self, queue, model).run(tickets)
 
 
 class ContinuousRun:
-    def __init__(self, worker: "Worker", queue: str):
-        self.worker = worker
+    """One continuously batched run over one queue, from its first jobs until it has no rows left."""
+
+    def __init__(self, strategy: ContinuousBatching, queue: str, model: LoadedModel):
+        self.ledger = strategy.ledger
+        self.strategy = strategy
         self.queue_name = queue
-        self.model = worker.models[queue]
+        self.model = model
         self.jobs: dict[str, JobTicket] = {}  # admitted and not yet settled
         self.owners: dict[int, tuple[str, int]] = {}  # row id -> (job id, output index)
         self.pixels: dict[str, dict[int, np.ndarray]] = {}
         self.rows_of: dict[str, list[int]] = {}
         self.batch: RunningBatch | None = None
-        self.timer = worker.metrics.timer(self.model.name, self.model.kind)
+        self.timer = self.ledger.metrics.timer(model.name, model.kind)
 
     def run(self, tickets: list[JobTicket]) -> None:
         request = tickets[0].request
-        self.compat = tickets[0].compat
+        self.compat = request.compat
+        metrics = self.ledger.metrics
         self.batch = RunningBatch(
-            self.model,
-            int(request["num_inference_steps"]),
-            int(request["width"]),
-            int(request["height"]),
-            int(request.get("num_frames") or 1),
+            self.model, request.num_inference_steps, request.width, request.height, request.num_frames
         )
         log.info("continuous batch started: %s", self.compat)
         try:
@@ -55,20 +65,18 @@ class ContinuousRun:
             while len(self.batch):
                 rows, start = len(self.batch), time.perf_counter()
                 self.batch.step()
-                self.worker.metrics.stepped(
-                    self.model.name, self.model.kind, [rows], self.worker.metrics.waited(start)
-                )
+                metrics.stepped(self.model.name, self.model.kind, [rows], metrics.waited(start))
                 self._report_and_cancel()
                 self._finish_done_rows()
                 self._join()
         except Exception as exc:
             log.exception("sampling failed in continuous batch %s", self.compat)
-            error = JobError(SAMPLING_FAILED, f"sampling failed on worker {self.worker.config.name}: {exc}")
+            message = f"sampling failed on worker {self.strategy.worker_name}: {exc}"
             for ticket in self.jobs.values():
-                self.worker.fail(ticket, error)
+                self.ledger.fail(ticket, JobError(code=SAMPLING_FAILED, message=message))
         finally:
             # Whatever happened, stop heartbeating these jobs: one not settled is reaped and requeued.
-            self.worker.release(list(self.jobs))
+            self.ledger.release(list(self.jobs))
 
     def _admit(self, tickets: list[JobTicket]) -> None:
         assert self.batch is not None
@@ -89,20 +97,18 @@ class ContinuousRun:
     def _report_and_cancel(self) -> None:
         assert self.batch is not None
         done = self.batch.steps_done()
-        progress = {
-            job_id: SAMPLING_PROGRESS * done[rows[0]] // self.batch.steps
-            for job_id, rows in self.rows_of.items()
-            if rows and rows[0] in done
+        steps_done = {
+            job_id: done[rows[0]] for job_id, rows in self.rows_of.items() if rows and rows[0] in done
         }
-        asked = self.worker.queue.report_progress(progress)
+        asked = self.ledger.report_sampling(steps_done, self.batch.steps)
         for job_id in asked & set(self.jobs):
             rows = self.rows_of.pop(job_id)
             self.batch.drop(rows)
             for row in rows:
                 self.owners.pop(row, None)
             self.pixels.pop(job_id, None)
-            self.worker.cancel(self.jobs.pop(job_id))
-            self.worker.release([job_id])
+            self.ledger.cancel(self.jobs.pop(job_id))
+            self.ledger.release([job_id])
             log.info("job %s canceled at step %d/%d", job_id, done[rows[0]], self.batch.steps)
 
     def _finish_done_rows(self) -> None:
@@ -124,16 +130,15 @@ class ContinuousRun:
         job_id = ticket.job_id
         del self.jobs[job_id], self.rows_of[job_id]
         try:
-            self.worker.store(ticket, pixels, self.timer)
+            self.ledger.store(ticket, pixels, self.timer)
         finally:
-            self.worker.release([job_id])
+            self.ledger.release([job_id])
 
     def _join(self) -> None:
         assert self.batch is not None
-        free = self.worker.config.max_batch - len(self.batch)
-        if free <= 0 or self.worker.stopping.is_set() or self.worker.other_queues_waiting(self.queue_name):
+        free = self.strategy.max_batch - len(self.batch)
+        if free <= 0 or self.strategy.yield_turn(self.queue_name):
             return
-        tickets = self.worker.queue.take(self.queue_name, free, new_execution_id(), self.compat)
+        tickets = self.ledger.take(self.queue_name, free, new_execution_id(), self.compat)
         if tickets:
-            self.worker.hold(tickets)
             self._admit(tickets)

@@ -1,0 +1,120 @@
+"""Static batching: fill a batch with compatible jobs for a short window, then run it start to end."""
+
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from redis.exceptions import RedisError
+
+from dit_serve.jobs import SAMPLING_FAILED, JobError
+from models.loading import LoadedModel
+from worker.batching import Batch, JobTicket
+from worker.ledger import JobLedger
+from worker.metrics import WorkerMetrics
+from worker.sampling import generate
+from worker.stages import SAMPLING
+
+log = logging.getLogger(__name__)
+
+FILL_POLL_S = 0.002  # while filling a batch, how often to look for more compatible jobs
+
+
+class StaticBatching:
+    """Compatible jobs share one denoising loop; jobs that arrive during it wait for the next."""
+
+    def __init__(self, ledger: JobLedger, max_batch: int, max_wait_ms: int, worker_name: str):
+        self.ledger = ledger
+        self.metrics: WorkerMetrics = ledger.metrics
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.worker_name = worker_name
+
+    def run(self, queue: str, model: LoadedModel, tickets: list[JobTicket]) -> None:
+        batch = Batch.from_tickets(self._fill(queue, tickets))
+        log.info("batch of %d outputs from %d jobs: %s", len(batch), len(batch.jobs), batch.compat)
+        try:
+            self._finish(model, batch)
+        finally:
+            self.ledger.release(batch.jobs)
+
+    def _fill(self, queue: str, tickets: list[JobTicket]) -> list[JobTicket]:
+        """Up to max_batch compatible outputs, waiting at most max_wait_ms after the first job."""
+        tickets = list(tickets)
+        total = sum(ticket.num_outputs for ticket in tickets)
+        execution = tickets[0].execution
+        deadline = time.monotonic() + self.max_wait_ms / 1000
+        while total < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                more = self.ledger.take(queue, self.max_batch - total, execution, tickets[0].compat)
+            except RedisError as exc:
+                log.warning(
+                    "redis failed while filling a batch (%s); running the %d taken", exc, len(tickets)
+                )
+                break
+            if not more:
+                # A short sleep, not a blocking pop: Redis times blocked clients out in 100 ms
+                # ticks (hz 10), so a 20 ms BLPOP waits about 100 ms.
+                time.sleep(min(FILL_POLL_S, remaining))
+                continue
+            tickets += more
+            total += sum(ticket.num_outputs for ticket in more)
+        return tickets
+
+    def _finish(self, model: LoadedModel, batch: Batch) -> None:
+        try:
+            pixels, canceled = self._sample(model, batch)
+        except Exception as exc:
+            log.exception("sampling failed for batch %s", batch.compat)
+            error = JobError(
+                code=SAMPLING_FAILED, message=f"sampling failed on worker {self.worker_name}: {exc}"
+            )
+            for ticket in batch.jobs.values():
+                self.ledger.fail(ticket, error)
+            return
+        timer = self.metrics.timer(model.name, model.kind)
+        for job_id, ticket in batch.jobs.items():
+            if job_id not in canceled:
+                self.ledger.store(ticket, pixels[job_id], timer)
+
+    def _sample(self, model: LoadedModel, batch: Batch) -> tuple[dict[str, list[np.ndarray]], set[str]]:
+        """Sample every row of the batch; returns each job's pixels and the jobs canceled on the way."""
+        request = batch.first.request
+        canceled: set[str] = set()
+        rows_per_step: list[int] = []
+
+        def on_step(done: int, total: int, rows: torch.Tensor) -> torch.Tensor | None:
+            live = [batch.rows[i].job_id for i in rows.tolist()]
+            rows_per_step.append(len(live))
+            try:
+                asked = self.ledger.report_sampling(dict.fromkeys(live, done), total)
+            except RedisError as exc:
+                log.warning("progress report failed: %s", exc)
+                return None
+            for job_id in asked - canceled:
+                self.ledger.cancel(batch.jobs[job_id])
+                canceled.add(job_id)
+                log.info("job %s canceled at step %d/%d", job_id, done, total)
+            self.ledger.release(asked)
+            return torch.tensor([job_id not in canceled for job_id in live]) if asked else None
+
+        spent: dict[str, float] = {}
+        pixels_out, rows = generate(
+            model,
+            [row.condition for row in batch.rows],
+            [row.seed for row in batch.rows],
+            [row.guidance_scale for row in batch.rows],
+            request.num_inference_steps,
+            request.width,
+            request.height,
+            request.num_frames,
+            on_step=on_step,
+            timer=self.metrics.timer(model.name, model.kind, spent),
+        )
+        self.metrics.stepped(model.name, model.kind, rows_per_step, spent[SAMPLING])
+        pixels: dict[str, list[np.ndarray]] = defaultdict(list)
+        decoded = pixels_out.numpy()  # (M, H, W, 3) or (M, F, H, W, 3)
+        for row_index, array in zip(rows.tolist(), decoded, strict=True):
+            pixels[batch.rows[row_index].job_id].append(array)
+        return pixels, canceled
