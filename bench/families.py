@@ -34,11 +34,11 @@ from diffusers import (
 )
 from diffusers.models.modeling_utils import ModelMixin
 
+from bench.offline_tokenizer import build_t5_tokenizer
 from models.families.base import LoadedModel, RowCondition
 from models.families.class_dit import ClassConditionalDiT
 from models.families.pixart import PixArt
 from models.families.wan import Wan
-from tests.tiny_text_models import build_t5_tokenizer
 from worker.sampling import generate
 
 GB = 1024**3

@@ -1,0 +1,77 @@
+"""The layout's rules, checked: who may import whom, no import cycles, and what ships in the package."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import grimp
+from setuptools import find_packages
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_PACKAGES = ("app", "worker", "models", "dit_serve", "cli", "evaluation", "bench")
+SHIPPED = {"app", "worker", "models", "dit_serve", "cli", "evaluation"}  # top-level packages in the wheel
+HEAVY = ("torch", "diffusers", "transformers")
+
+
+def test_import_contracts_hold() -> None:
+    """pyproject.toml's import-linter contracts: layers, and the core and the API free of torch."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_no_two_modules_import_each_other_even_indirectly() -> None:
+    """Every import edge between our modules points one way (TYPE_CHECKING imports count too)."""
+    graph = grimp.build_graph(*OUR_PACKAGES)
+    cycles = [
+        (module, imported)
+        for module in sorted(graph.modules)
+        for imported in graph.find_modules_directly_imported_by(module)
+        if graph.chain_exists(importer=imported, imported=module)
+    ]
+    assert cycles == []
+
+
+BLOCK_HEAVY = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+            raise ImportError(f"{{name}} is not installed here")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_api_and_the_core_import_and_build_without_torch(tmp_path: Path) -> None:
+    """An API host needs no torch: every core module and the whole API import, and the app builds."""
+    core = sorted(path.stem for path in (ROOT / "dit_serve").glob("*.py") if path.stem != "__init__")
+    script = (
+        BLOCK_HEAVY
+        + f"""
+import importlib
+for name in {core!r}:
+    importlib.import_module("dit_serve." + name)
+from app.main import create_app
+from dit_serve.config import Settings
+app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", output_dir={str(tmp_path)!r}))
+assert "/v1/images" in app.openapi()["paths"]
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
+print("heavy modules loaded:", loaded)
+assert not loaded
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_tests_and_benchmarks_do_not_ship_in_the_package() -> None:
+    """The wheel's packages are the product's; test builders and benchmark tools stay out of it."""
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = {name.split(".")[0] for name in find_packages(str(ROOT), include=find["include"])}
+    assert shipped == SHIPPED
+    builders = [path for path in ROOT.glob("**/tiny*.py") if ".venv" not in path.parts]
+    assert builders and all(path.parent == ROOT / "tests" for path in builders), builders
