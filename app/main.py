@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 REDIS_TIMEOUT_S = 5.0
 
 
-def _reap_forever(redis: Redis, interval_s: float, stop: threading.Event) -> None:
-    """Requeue jobs of dead workers even when no worker is alive to do it."""
-    while not stop.wait(interval_s):
+def _reap_forever(redis: Redis, settings: Settings, stop: threading.Event) -> None:
+    """Requeue jobs of dead workers, and fail orphaned ones, even when no worker is alive to do it."""
+    while not stop.wait(settings.reap_interval_s):
         try:
-            reap_lost_jobs(redis)
+            reap_lost_jobs(redis, settings.orphan_timeout_s, settings.job_ttl_s)
         except RedisError as exc:
             log.warning("reaper: redis unavailable: %s", exc)
 
@@ -44,9 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        reaper = threading.Thread(
-            target=_reap_forever, args=(redis, settings.reap_interval_s, stop), daemon=True
-        )
+        reaper = threading.Thread(target=_reap_forever, args=(redis, settings, stop), daemon=True)
         reaper.start()
         yield
         stop.set()

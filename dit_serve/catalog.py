@@ -9,6 +9,7 @@ from dit_serve.contract import ModelSpec
 from dit_serve.jobs import KEY_PREFIX
 
 WORKERS_KEY = f"{KEY_PREFIX}:workers"  # sorted set: worker name -> unix time its registration expires
+SERVED_UNTIL_KEY = f"{KEY_PREFIX}:served-until"  # hash: model -> unix time its last live worker expires
 
 
 def worker_key(name: str) -> str:
@@ -18,9 +19,12 @@ def worker_key(name: str) -> str:
 def publish_worker(redis: Redis, name: str, models: list[ModelSpec], ttl_s: float) -> None:
     """Register (or refresh) a live worker and the models it serves; it vanishes ttl_s after the last call."""
     payload = json.dumps([spec.model_dump(mode="json") for spec in models])
+    until = time.time() + ttl_s
     with redis.pipeline() as pipe:
         pipe.set(worker_key(name), payload, px=int(ttl_s * 1000))
-        pipe.zadd(WORKERS_KEY, {name: time.time() + ttl_s})
+        pipe.zadd(WORKERS_KEY, {name: until})
+        if models:
+            pipe.hset(SERVED_UNTIL_KEY, mapping={spec.name: until for spec in models})
         pipe.execute()
 
 
@@ -47,3 +51,9 @@ def served_models(redis: Redis) -> dict[str, ModelSpec]:
         for spec in json.loads(payload) if payload else []:
             models.setdefault(spec["name"], ModelSpec.model_validate(spec))
     return models
+
+
+def served_until(redis: Redis, model: str) -> float | None:
+    """Until when the last live worker serving `model` is (or was) registered; None if none ever was."""
+    value = redis.hget(SERVED_UNTIL_KEY, model)
+    return float(value) if value else None  # type: ignore[arg-type]

@@ -11,12 +11,16 @@ from typing import Literal
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Job
-from rq.registry import CanceledJobRegistry, StartedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
 
+from dit_serve.catalog import served_until
 from dit_serve.jobs import (
     KEY_PREFIX,
+    NO_WORKER,
     TASK_FUNCTION,
+    JobError,
     JobRecord,
+    RecordField,
     ended_key,
     queue_name,
     record_key,
@@ -33,6 +37,8 @@ REAPER_LOCK_MS = 1000  # at most one reaping pass per second across all processe
 # Jobs whose worker stopped heartbeating, counted per "<model>|<outcome>" (the API exports them).
 REAPED_KEY = f"{KEY_PREFIX}:stats:reaped"
 REAPED_REQUEUED, REAPED_FAILED = "requeued", "failed"
+REAPED_ORPHANED = "orphaned"  # queued, and failed with no_worker: no live worker for its model
+DEFAULT_TTL_S = 7 * 24 * 3600
 
 # KEYS: rq job, our record, the queue list, the canceled registry, the job's ended list.
 # ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds.
@@ -55,6 +61,23 @@ elseif status == 'started' then
 end
 return status
 """
+
+# Fail a job that is still queued (and only then), as no worker will ever take it.
+# KEYS: rq job, our record, the queue list, the failed registry, the job's ended list.
+# ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds, error JSON.
+_FAIL_QUEUED_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('LREM', KEYS[3], 0, ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'failed', 'ended_at', ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[2], 'completed_at', ARGV[4], 'error', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('RPUSH', KEYS[5], '1')
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+return 1
+"""
+ORPHAN_SCAN = 1000  # queued jobs looked at per queue and pass
 
 CancelOutcome = Literal["canceled", "cancel_requested", "missing"] | str
 
@@ -118,12 +141,13 @@ def _collect_into(jobs: list[Job]) -> Callable[..., None]:
     return collect
 
 
-def reap_lost_jobs(redis: Redis) -> None:
+def reap_lost_jobs(redis: Redis, orphan_timeout_s: float | None = None, ttl_s: int = DEFAULT_TTL_S) -> None:
     """Requeue (or fail, when out of retries) jobs whose worker stopped heartbeating.
 
     RQ's own `StartedJobRegistry.cleanup` does exactly this for expired entries, but RQ only runs it
     inside a worker's maintenance every 10 minutes; the API and every dit-serve worker call this
     every few seconds, so a lost job is back in the queue within heartbeat_ttl_s + reap_interval_s.
+    With `orphan_timeout_s`, queued jobs that no live worker can take also fail (fail_orphaned_jobs).
     """
     # Many processes reap; one at a time, or two could requeue the same job twice.
     if not redis.set(REAPER_LOCK_KEY, "1", nx=True, px=REAPER_LOCK_MS):
@@ -140,3 +164,44 @@ def reap_lost_jobs(redis: Redis) -> None:
             outcome = REAPED_REQUEUED if job.retries_left else REAPED_FAILED
             redis.hincrby(REAPED_KEY, f"{model}|{outcome}", 1)
             log.warning("job %s of %s lost its worker: %s", job.id, model, outcome)
+    if orphan_timeout_s is not None:
+        fail_orphaned_jobs(redis, orphan_timeout_s, ttl_s)
+
+
+def fail_orphaned_jobs(redis: Redis, orphan_timeout_s: float, ttl_s: int) -> int:
+    """Fail with `no_worker` the queued jobs whose model has had no live worker for orphan_timeout_s.
+
+    A job is orphaned when the only worker serving its model died after accepting it, or when a
+    restarted service no longer loads its model. The clock starts when the model's last worker
+    registration expired, or when the job was accepted, whichever is later. Returns how many failed.
+    """
+    now = time.time()
+    failed = 0
+    fail_queued = redis.register_script(_FAIL_QUEUED_SCRIPT)
+    for queue in dit_queues(redis):
+        model = queue.name.removeprefix(QUEUE_PREFIX)
+        until = served_until(redis, model) or 0.0
+        if until > now - orphan_timeout_s:
+            continue  # a worker serves it, or did so recently enough
+        job_ids = [job_id.decode() for job_id in redis.lrange(queue.key, 0, ORPHAN_SCAN - 1)]  # type: ignore[union-attr]
+        error = JobError(
+            code=NO_WORKER,
+            message=(
+                f"no live worker has served model {model!r} for {orphan_timeout_s:.0f} s, so this job "
+                f"was never run; start a worker serving it (dit-serve worker --model {model}=SOURCE) and "
+                "submit the job again"
+            ),
+        ).model_dump_json()
+        failed_registry = FailedJobRegistry(queue.name, connection=redis).key
+        for job_id in job_ids:
+            created_at = float(redis.hget(record_key(job_id), RecordField.CREATED_AT) or 0)  # type: ignore[arg-type]
+            if max(until, created_at) > now - orphan_timeout_s:
+                continue
+            if fail_queued(
+                keys=[rq_job_key(job_id), record_key(job_id), queue.key, failed_registry, ended_key(job_id)],
+                args=[job_id, rq_timestamp(now), now + ttl_s, now, ttl_s, error],
+            ):
+                failed += 1
+                redis.hincrby(REAPED_KEY, f"{model}|{REAPED_ORPHANED}", 1)
+                log.warning("job %s of %s failed: no live worker for %.0f s", job_id, model, orphan_timeout_s)
+    return failed

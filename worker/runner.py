@@ -41,6 +41,7 @@ class WorkerConfig:
     heartbeat_ttl_s: int
     reap_interval_s: float
     job_ttl_s: int
+    orphan_timeout_s: float = 300.0  # queued jobs of a model with no live worker this long fail
     continuous: bool = False  # step-level continuous batching where the model's scheduler allows
 
 
@@ -109,7 +110,7 @@ class Worker:
                 self._publish()
                 self.ledger.heartbeat()
                 if time.monotonic() - last_reap >= self.config.reap_interval_s:
-                    reap_lost_jobs(self.redis)
+                    reap_lost_jobs(self.redis, self.config.orphan_timeout_s, self.config.job_ttl_s)
                     last_reap = time.monotonic()
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
