@@ -75,7 +75,7 @@ def github_slug(heading: str) -> str:
     kept = []
     for char in text.lower():
         category = unicodedata.category(char)
-        if char in " -_" or category[0] in "LN" or category == "Mn":
+        if char in " -" or category[0] in "LMN" or category == "Pc":  # github-slugger keeps these
             kept.append("-" if char == " " else char)
     return "".join(kept)
 
