@@ -29,6 +29,28 @@ BUCKET = "dit-outputs"
 REGION = "us-east-1"  # a dedicated database when REDIS_URL points at a shared server
 
 
+# Fixtures that start API, worker, S3 or Prometheus processes: every test that uses one is `slow`, so
+# that `pytest -m "not slow"` (the fast lane) runs only in-process tests. Tests that start processes
+# themselves carry the mark in their own file.
+PROCESS_FIXTURES = frozenset(
+    {
+        "service",
+        "text_service",
+        "continuous_service",
+        "plain_service",
+        "slow_service",
+        "observed",
+        "moto_endpoint",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """REDIS_URL when set (its database 15), else a real redis-server started for the session."""

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains, benchmarks or starts processes: minutes in all
+
 
 def test_tiny_family_benchmark_reports_every_model_and_batch(tmp_path: Path) -> None:
     out = tmp_path / "families.json"

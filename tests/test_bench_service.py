@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # trains, benchmarks or starts processes: minutes in all
 
 
 def test_short_benchmark_reports_every_scenario(model_dirs: dict[str, Path], tmp_path: Path) -> None:

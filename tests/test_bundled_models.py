@@ -91,6 +91,7 @@ def test_video_model_is_stored_in_fp16_and_served_in_fp32(video_model: LoadedMod
     assert all(param.dtype == torch.float32 for param in video_model.transformer.parameters())
 
 
+@pytest.mark.slow
 def test_videos_show_the_prompted_shape_moving_the_prompted_way(
     video_model: LoadedModel, judge: ShapeClassifier
 ) -> None:

@@ -60,6 +60,7 @@ def _alone(model: LoadedModel, label: int, seed: int, guidance: float) -> np.nda
     return pixels[0].numpy().astype(int)
 
 
+@pytest.mark.slow
 def test_rows_joining_mid_flight_match_their_solo_runs(model: LoadedModel) -> None:
     batch = RunningBatch(model, STEPS, 32, 32, _frames(model))
     requests = {  # id: (label, seed, guidance, the step boundary at which it joins)

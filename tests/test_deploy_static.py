@@ -413,6 +413,7 @@ WORKER_HEALTHCHECKS = {
 
 
 @pytest.mark.parametrize("where", WORKER_HEALTHCHECKS)
+@pytest.mark.slow
 def test_worker_healthcheck_sees_only_its_own_registration(where: str, redis: Redis, redis_url: str) -> None:
     command = WORKER_HEALTHCHECKS[where]()
     env = {**os.environ, "REDIS_URL": redis_url}
@@ -447,6 +448,7 @@ def _wait_for_healthz(url: str, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"the API did not answer {url} within {API_START_TIMEOUT_S} s")
 
 
+@pytest.mark.slow
 def test_api_healthchecks_against_a_real_api(redis_url: str, tmp_path: Path) -> None:
     port = free_port()
     env = {

@@ -115,6 +115,7 @@ def test_solo_request_equals_the_pipeline(family: tuple[LoadedModel, Any, list])
     assert expected.std() > 1  # not two blank pictures
 
 
+@pytest.mark.slow
 def test_a_batch_of_four_requests_equals_four_pipeline_calls(family: tuple[LoadedModel, Any, list]) -> None:
     model, pipe, requests = family
     batched = _ours(model, requests)

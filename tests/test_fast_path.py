@@ -28,6 +28,7 @@ def test_repeated_blocks_finds_each_familys_layer_stack(model_dirs: dict[str, Pa
 
 
 @pytest.mark.parametrize("mode", [CompileMode.DEFAULT, CompileMode.REDUCE_OVERHEAD])
+@pytest.mark.slow
 def test_compiled_model_gives_the_eager_output(mode: CompileMode, model_dirs: dict[str, Path]) -> None:
     """Inductor on the CPU (C++ kernels); the CUDA-graph mode falls back to plain compiled code there."""
     model = load_model("img", model_dirs["img"], CPU)
@@ -41,6 +42,7 @@ def test_compiled_model_gives_the_eager_output(mode: CompileMode, model_dirs: di
     assert (fast.int() - eager.int()).abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_gpu_bench_script_runs_in_tiny_mode_on_the_cpu(tmp_path: Path) -> None:
     flags = [
         "--tiny",

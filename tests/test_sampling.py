@@ -34,6 +34,7 @@ def _generate(model, seeds, labels, scales, steps=8, scheduler=None, on_step=Non
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
+@pytest.mark.slow
 def test_solo_output_equals_ditpipeline(
     image_model: LoadedModel, model_dirs: dict[str, Path], guidance: float
 ) -> None:
@@ -52,6 +53,7 @@ def test_solo_output_equals_ditpipeline(
     assert expected.std() > 1  # the comparison is not between two blank images
 
 
+@pytest.mark.slow
 def test_batched_rows_equal_solo_rows(image_model: LoadedModel) -> None:
     seeds, labels, scales = [11, 12, 13, 14], [0, 7, 7, 23], [4.0, 1.0, 7.5, 0.0]
     batched, _ = _generate(image_model, seeds, labels, scales)

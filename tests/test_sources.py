@@ -41,6 +41,7 @@ def test_a_missing_path_that_is_no_hub_id_names_the_model(tmp_path: Path) -> Non
         resolve_source("mine", str(tmp_path / "nope"))
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_the_worker_fast_and_clearly(tmp_path: Path, redis_url: str) -> None:
     """No network: the worker exits at once, naming the model and what to run, without a traceback."""
     result = subprocess.run(
@@ -53,6 +54,7 @@ def test_an_unreachable_hub_fails_the_worker_fast_and_clearly(tmp_path: Path, re
     assert "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_a_cached_hub_id_loads_without_network(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """A cached snapshot (the hub cache's own layout) is found offline and loads as a model."""
     repo = tmp_path / "hub" / f"models--{REPO_ID.replace('/', '--')}"

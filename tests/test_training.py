@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import DDPMScheduler, DiTPipeline
 
@@ -16,6 +17,8 @@ from models.training.train import (
     train_vae,
     train_video_dit,
 )
+
+pytestmark = pytest.mark.slow  # trains, benchmarks or starts processes: minutes in all
 
 TINY = Recipe(steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=1)
 
