@@ -43,6 +43,7 @@ def test_image_model_loads_in_diffusers_own_pipeline(image_model: LoadedModel) -
     assert image_model.null_class_id == 1000 and image_model.kind == "image"
 
 
+@pytest.mark.slow
 def test_red_circle_is_a_red_circle(image_model: LoadedModel, judge: ShapeClassifier) -> None:
     label = image_model.labels.index("red circle")
     images = generate(image_model, [label] * 4, [0, 1, 2, 3], 4.0, 25, "ddim")
@@ -50,6 +51,7 @@ def test_red_circle_is_a_red_circle(image_model: LoadedModel, judge: ShapeClassi
     assert verdicts.count("red circle") >= 3, verdicts
 
 
+@pytest.mark.slow
 def test_cfg_helps(image_model: LoadedModel, judge: ShapeClassifier) -> None:
     labels = [
         image_model.labels.index(name) for name in ("yellow square", "blue diamond", "cyan triangle")
@@ -60,6 +62,7 @@ def test_cfg_helps(image_model: LoadedModel, judge: ShapeClassifier) -> None:
     assert guided >= 0.75 and guided > unguided
 
 
+@pytest.mark.slow
 def test_ten_multistep_steps_keep_the_label(image_model: LoadedModel, judge: ShapeClassifier) -> None:
     """The v-prediction image DiT holds up under 10 DPM-Solver++ steps (the eps one fell to 72%)."""
     assert image_model.scheduler.config.prediction_type == "v_prediction"
