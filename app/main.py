@@ -10,6 +10,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
+from app.docs_ui import install_docs_ui
 from app.errors import install_error_handlers
 from app.metrics import APIMetrics
 from app.routes import generation, jobs, system
@@ -51,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis.close()
         await waits.aclose()
 
-    app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_docs_ui(app)  # /docs and /redoc without a CDN
     app.state.settings = settings
     app.state.redis = redis
     app.state.waits = waits

@@ -1,9 +1,11 @@
 """Prometheus metrics of the API process, plus the cluster's state read from Redis at scrape time.
 
 The API exports what only it sees (requests, acceptances, rejections) and what lives in Redis (queue
-depth, oldest queued job, live workers, jobs lost with their worker). Workers export their own
-metrics on their own port; with `worker_metrics_url` set (`dit-serve up` sets it) the API's
-/metrics carries that worker's metrics too, so a one-host setup is one scrape target.
+depth, oldest queued job, live workers, jobs lost with their worker). Every series of a model that
+a live worker serves exists from the first scrape, at 0, so panels and `increase()` see the first
+event. Workers export their own metrics on their own port; with `worker_metrics_url` set (`dit-serve
+up` sets it) the API's /metrics carries that worker's metrics too, so a one-host setup is one scrape
+target.
 """
 
 import logging
@@ -20,10 +22,10 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq.utils import as_text
 
-from dit_serve.catalog import live_workers
-from dit_serve.jobs import JobKind, RecordField, record_key
+from dit_serve.catalog import live_workers, served_models
+from dit_serve.jobs import JobKind, RecordField, queue_name, record_key
 from dit_serve.metrics import HTTP_SECONDS_BUCKETS
-from dit_serve.queueing import QUEUE_PREFIX, REAPED_KEY, dit_queues
+from dit_serve.queueing import QUEUE_PREFIX, REAPED_FAILED, REAPED_KEY, REAPED_REQUEUED, dit_queues
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,16 @@ REJECTION_REASONS = (
     "no_model",
     "redis_unavailable",
 )
+# What a cancel that took did (dit_serve.queueing.cancel_job), and what the reaper did with a lost job.
+CANCEL_OUTCOMES = ("canceled", "cancel_requested")
+REAPED_OUTCOMES = (REAPED_REQUEUED, REAPED_FAILED)
 
 
 class ClusterCollector(Collector):
-    """Queue depth and oldest queued job per model, live workers and lost jobs, read from Redis."""
+    """Queue depth and oldest queued job per model, live workers and lost jobs, read from Redis.
+
+    A served model that has no queue yet (no job so far) has a depth and an age of 0 and 0 lost jobs.
+    """
 
     def __init__(self, redis: Redis):
         self.redis = redis
@@ -68,6 +76,8 @@ class ClusterCollector(Collector):
         )
         try:
             now = time.time()
+            models = served_models(self.redis)
+            unqueued = set(models)
             for queue in dit_queues(self.redis):
                 model = queue.name.removeprefix(QUEUE_PREFIX)
                 ids = self.redis.lrange(queue.key, 0, OLDEST_LOOKAHEAD - 1)
@@ -79,10 +89,17 @@ class ClusterCollector(Collector):
                 times = [float(value) for value in created if value]
                 depth.add_metric([queue.name, model], count)
                 oldest.add_metric([queue.name, model], max(0.0, now - min(times)) if times else 0.0)
+                unqueued.discard(model)
+            for model in sorted(unqueued):
+                depth.add_metric([queue_name(model), model], 0)
+                oldest.add_metric([queue_name(model), model], 0.0)
             workers.add_metric([], len(live_workers(self.redis)))
+            lost = {(model, outcome): 0.0 for model in models for outcome in REAPED_OUTCOMES}
             for field, value in self.redis.hgetall(REAPED_KEY).items():
                 model, _, outcome = as_text(field).partition("|")
-                reaped.add_metric([model, outcome], float(value))
+                lost[model, outcome] = float(value)
+            for labels, count in lost.items():
+                reaped.add_metric(list(labels), count)
         except RedisError as exc:
             log.warning("metrics: redis unavailable: %s", exc)
             # No cluster series rather than wrong ones; dit_http_* and this still tell the story.
@@ -90,6 +107,34 @@ class ClusterCollector(Collector):
             return
         yield GaugeMetricFamily(REDIS_UP, REDIS_UP_HELP, value=1)
         yield from (depth, oldest, workers, reaped)
+
+
+class ServedModelCounters(Collector):
+    """The API's per-model counters (jobs accepted, cancels), with a 0 series for every served model.
+
+    The models come from the live worker catalog, which changes while the API runs, so each scrape
+    creates the missing children (`.labels(...)`) just before it reads the counters. The counters
+    are unregistered (registry=None) and collected here, so that both happen in one scrape.
+    """
+
+    def __init__(self, redis: Redis, accepted: Counter, cancels: Counter):
+        self.redis, self.accepted, self.cancels = redis, accepted, cancels
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self.accepted.describe()
+        yield from self.cancels.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            models = served_models(self.redis)
+        except RedisError:
+            models = {}  # ClusterCollector reports it (dit_redis_up 0); the counts are still right
+        for spec in models.values():
+            self.accepted.labels(spec.kind, spec.name)
+            for outcome in CANCEL_OUTCOMES:
+                self.cancels.labels(spec.name, outcome)
+        yield from self.accepted.collect()
+        yield from self.cancels.collect()
 
 
 class WorkerMetricsCollector(Collector):
@@ -130,9 +175,7 @@ class APIMetrics:
             buckets=HTTP_SECONDS_BUCKETS,
             registry=self.registry,
         )
-        self.accepted = Counter(
-            "dit_jobs_accepted", "Jobs accepted", ["kind", "model"], registry=self.registry
-        )
+        self.accepted = Counter("dit_jobs_accepted", "Jobs accepted", ["kind", "model"], registry=None)
         self.rejected = Counter(
             "dit_jobs_rejected",
             "Job submissions refused, by error code",
@@ -143,8 +186,9 @@ class APIMetrics:
             "dit_cancels",
             "DELETE /v1/jobs/{id} that took: canceled (was queued) or cancel_requested (was running)",
             ["model", "outcome"],
-            registry=self.registry,
+            registry=None,
         )
+        self.registry.register(ServedModelCounters(redis, self.accepted, self.cancels))
         for kind in SUBMISSION_ROUTES.values():
             for reason in REJECTION_REASONS:
                 self.rejected.labels(kind.value, reason)
