@@ -25,7 +25,14 @@ from rq.utils import as_text
 from dit_serve.catalog import live_workers, served_models
 from dit_serve.jobs import JobKind, RecordField, queue_name, record_key
 from dit_serve.metrics import HTTP_SECONDS_BUCKETS
-from dit_serve.queueing import QUEUE_PREFIX, REAPED_FAILED, REAPED_KEY, REAPED_REQUEUED, dit_queues
+from dit_serve.queueing import (
+    QUEUE_PREFIX,
+    REAPED_FAILED,
+    REAPED_KEY,
+    REAPED_ORPHANED,
+    REAPED_REQUEUED,
+    dit_queues,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ REJECTION_REASONS = (
 )
 # What a cancel that took did (dit_serve.queueing.cancel_job), and what the reaper did with a lost job.
 CANCEL_OUTCOMES = ("canceled", "cancel_requested")
-REAPED_OUTCOMES = (REAPED_REQUEUED, REAPED_FAILED)
+REAPED_OUTCOMES = (REAPED_REQUEUED, REAPED_FAILED, REAPED_ORPHANED)
 
 
 class ClusterCollector(Collector):
@@ -71,7 +78,8 @@ class ClusterCollector(Collector):
         workers = GaugeMetricFamily("dit_workers_live", "Workers whose heartbeat is fresh")
         reaped = CounterMetricFamily(
             "dit_jobs_reaped",
-            "Jobs whose worker stopped heartbeating: requeued, or failed with worker_lost",
+            "Jobs reaped: requeued or failed (worker_lost) when their worker stopped heartbeating, "
+            "or failed (no_worker) when queued with no live worker for their model",
             labels=["model", "outcome"],
         )
         try:
