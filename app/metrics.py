@@ -23,7 +23,8 @@ from redis.exceptions import RedisError
 from rq.utils import as_text
 
 from dit_serve.catalog import live_workers, served_models
-from dit_serve.jobs import JobKind, RecordField, queue_name, record_key
+from dit_serve.contract import JobKind
+from dit_serve.jobs import RecordField, queue_name, record_key
 from dit_serve.metrics import HTTP_SECONDS_BUCKETS
 from dit_serve.queueing import (
     QUEUE_PREFIX,
