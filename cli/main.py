@@ -5,11 +5,14 @@ import json
 import logging
 import os
 import signal
-import subprocess
+import socket
 import sys
+import threading
 from collections.abc import Sequence
 
 from dit_serve.config import Settings, get_settings
+
+WORKER_STOP_TIMEOUT_S = 30.0  # how long `up` lets its worker finish its batch before killing it
 
 # (flag, settings field, help); every flag also has an environment variable, DIT_<FIELD> (REDIS_URL).
 COMMON_FLAGS = [
@@ -50,7 +53,8 @@ COMMON_FLAGS = [
     (
         "--metrics-port",
         "metrics_port",
-        "port of a worker's Prometheus /metrics, 0 for none (DIT_METRICS_PORT, default 9400)",
+        "port of a worker's Prometheus /metrics, 0 for none (DIT_METRICS_PORT, default 9400; `up` "
+        "picks a free one, and its API's /metrics carries the worker's)",
     ),
     (
         "--metrics-host",
@@ -181,30 +185,81 @@ def run_api(settings: Settings) -> None:
     )
 
 
-def run_up(settings: Settings) -> None:
-    """API in this process, one worker as a child process, an embedded Redis unless one is given."""
-    from dit_serve.embedded_redis import EmbeddedRedis
+def _with_worker_metrics(settings: Settings) -> Settings:
+    """`up`'s worker serves its metrics on a free port unless one was set, and the API re-exports them.
 
-    embedded = None
-    if not settings.redis_url:
-        embedded = EmbeddedRedis(settings.data_dir / "redis").start()
-        settings = settings.model_copy(update={"redis_url": embedded.url})
-        logging.getLogger(__name__).info("started an embedded Redis at %s", embedded.url)
+    A fixed default port would make the worker of a second `up` on the same machine fail to start.
+    """
+    from dit_serve.embedded_redis import free_port
+
+    if "metrics_port" not in settings.model_fields_set:  # neither --metrics-port nor DIT_METRICS_PORT
+        settings = settings.model_copy(update={"metrics_port": free_port()})
     if settings.metrics_port and not settings.worker_metrics_url:
         # One scrape target for the host: the API's /metrics carries the worker's.
         url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
         settings = settings.model_copy(update={"worker_metrics_url": url})
-    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=_environment(settings))
+    return settings
+
+
+def run_up(settings: Settings) -> None:
+    """API in this process, one supervised worker as a child process, an embedded Redis unless one is given.
+
+    SIGTERM or SIGINT stops the API, then the worker (after its batch), then Redis. uvicorn handles
+    both signals while it serves and raises them again once it has stopped; `up` keeps its own
+    handlers installed throughout, or that SIGTERM would end it before its children are stopped.
+    """
+    import uvicorn
+
+    from app.main import create_app
+    from cli.supervisor import WorkerSupervisor
+    from dit_serve.embedded_redis import EmbeddedRedis
+
+    log = logging.getLogger(__name__)
+    stop_requested = threading.Event()
+    server: uvicorn.Server | None = None
+
+    def stop(signum: int, _frame: object) -> None:
+        if not stop_requested.is_set():
+            log.info("%s: stopping the API, the worker, then Redis", signal.Signals(signum).name)
+        stop_requested.set()
+        if server:
+            server.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir / "redis").start()
+        settings = settings.model_copy(update={"redis_url": embedded.url})
+        log.info("started an embedded Redis at %s", embedded.url)
     try:
-        run_api(settings)
-    finally:
-        worker.send_signal(signal.SIGTERM)
+        settings = _with_worker_metrics(settings)
+        assert settings.redis_url
+        level = settings.log_level.lower()
+        api = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=level)
+        )
+        api.should_exit = stop_requested.is_set()
+        server = api
+
+        def stop_api() -> None:
+            api.should_exit = True
+
+        name_base = settings.worker_name or f"{socket.gethostname()}.up{os.getpid()}"
+        supervisor = WorkerSupervisor(_environment(settings), settings.redis_url, name_base, stop_api)
+        supervisor.start()
         try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+            api.run()
+        finally:
+            supervisor.stop(WORKER_STOP_TIMEOUT_S)
+    finally:
         if embedded:
             embedded.stop()
+            log.info("stopped the embedded Redis")
+    if supervisor.failure:
+        raise SystemExit(f"dit-serve up stopped: {supervisor.failure}")
+    if not api.started and not stop_requested.is_set():
+        raise SystemExit(f"dit-serve up: the API could not start on {settings.host}:{settings.port}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

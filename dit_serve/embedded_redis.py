@@ -76,7 +76,11 @@ class EmbeddedRedis:
             "no",
             *persistence,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own process group: a Ctrl-C in the terminal reaches its owner alone, which stops it last
+        # (`dit-serve up` stops its worker first, so that the batch in flight can still be stored).
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         client = Redis.from_url(self.url)
         while time.monotonic() < deadline:

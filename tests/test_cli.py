@@ -1,11 +1,14 @@
-"""`dit-serve up` from an empty directory, and the API when Redis is down: real processes, real HTTP."""
+"""`dit-serve up` from an empty directory, its worker's supervision and shutdown, and the API when Redis
+is down: real processes, real HTTP."""
 
 import io
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +17,10 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from redis import Redis
 
+from cli import supervisor
+from dit_serve.catalog import live_workers
 from dit_serve.embedded_redis import free_port
 from evaluation.classifier import classify, load_classifier
 from evaluation.judge import judge_clips
@@ -101,6 +107,173 @@ def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path
         log.close()
     assert up.returncode == 0, (tmp_path / "up.log").read_text()
     assert not [pid for pid in children if _alive(pid)], "dit-serve up left child processes behind"
+
+
+class Up:
+    """A `dit-serve up` process started by a test, its console in a file, and every child it had."""
+
+    def __init__(self, workdir: Path, *flags: str):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "up.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        command = ["up", "--port", str(self.port), "--data-dir", str(workdir / "data"), *flags]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cli", *command],
+            cwd=workdir, env=_clean_env(), stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.seen_children: set[int] = set()
+
+    @property
+    def console(self) -> str:
+        return self.log_path.read_text()
+
+    def children(self) -> list[int]:
+        found = _children(self.process.pid)
+        self.seen_children.update(found)
+        return found
+
+    def worker_pid(self) -> int | None:
+        for pid in self.children():
+            try:
+                if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except FileNotFoundError:  # it exited since
+                pass
+        return None
+
+    def wait_ready(self) -> dict:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            assert self.process.poll() is None, self.console
+            self.children()
+            try:
+                response = httpx.get(f"{self.base}/readyz", timeout=2)
+                if response.status_code == 200:
+                    return response.json()
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"dit-serve up never became ready:\n{self.console}"
+            time.sleep(0.2)
+
+    def stop(self, signum: signal.Signals) -> tuple[int, list[int]]:
+        """Signal `up` alone and wait; its exit status, and the children it left alive (then killed)."""
+        self.children()
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+        orphans = [pid for pid in self.seen_children if _alive(pid)]
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)
+        return self.process.returncode, orphans
+
+
+def test_two_ups_on_one_machine_each_serve_their_own_worker_metrics(tmp_path: Path) -> None:
+    ups = [Up(tmp_path / "a"), Up(tmp_path / "b")]  # neither given --metrics-port
+    try:
+        for up in ups:
+            assert up.wait_ready()["workers"] == 1
+        urls = []
+        for up in ups:
+            metrics = httpx.get(f"{up.base}/metrics", timeout=30).text
+            found = re.search(r'^dit_worker_metrics_up\{url="([^"]+)"\} 1\.0$', metrics, re.M)
+            assert found, metrics
+            urls.append(found.group(1))
+            # A series only the worker exports, re-exported by its API.
+            assert 'dit_images_generated_total{model="dit-shapes-image"} 0.0' in metrics
+        assert urls[0] != urls[1]
+    finally:
+        stopped = [up.stop(signal.SIGINT) for up in ups]
+    assert stopped == [(0, []), (0, [])], [up.console for up in ups]
+
+
+def test_sigterm_to_up_alone_stops_its_worker_then_redis(tmp_path: Path) -> None:
+    up = Up(tmp_path, "--metrics-port", str(free_port()))  # whatever else holds the default port
+    try:
+        up.wait_ready()
+        children = up.children()
+        assert len(children) == 2 and up.worker_pid() in children  # the worker and the embedded Redis
+    finally:
+        code, orphans = up.stop(signal.SIGTERM)
+    assert code == 0, up.console
+    assert not orphans, f"dit-serve up left {orphans} behind:\n{up.console}"
+    assert "stopping the worker" in up.console
+
+
+def test_up_restarts_a_killed_worker(tmp_path: Path) -> None:
+    up = Up(tmp_path, "--metrics-port", str(free_port()))  # the restarted worker serves on it again
+    try:
+        up.wait_ready()
+        killed = up.worker_pid()
+        assert killed
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "restarted the worker" not in up.console:
+            assert up.process.poll() is None, up.console
+            assert time.monotonic() < deadline, f"the killed worker was not restarted:\n{up.console}"
+            time.sleep(0.2)
+        assert "killed by SIGKILL. Restarting it in 1 s" in up.console
+        restarted = up.worker_pid()
+        assert restarted and restarted != killed
+        # The dead worker's registration is gone, so /readyz counts the new one alone.
+        assert up.wait_ready()["workers"] == 1
+        with httpx.Client(base_url=up.base, timeout=30) as client:
+            job = client.post("/v1/images", json={"prompt": "red circle", "seed": 0}).json()
+            assert wait_for_status(client, job["id"], {"completed", "failed"})["status"] == "completed"
+    finally:
+        stopped = up.stop(signal.SIGTERM)
+    assert stopped == (0, []), up.console
+
+
+def test_up_exits_when_its_worker_cannot_start(tmp_path: Path) -> None:
+    up = Up(tmp_path, "--model", "x=/nonexistent")
+    try:
+        deadline = time.monotonic() + 90
+        while up.process.poll() is None:
+            up.children()
+            assert time.monotonic() < deadline, f"dit-serve up kept running:\n{up.console}"
+            time.sleep(0.1)
+    finally:
+        code, orphans = up.stop(signal.SIGINT)
+    assert code == 1, up.console
+    assert len(up.seen_children) == 2, "the embedded Redis and the worker should have started"
+    assert not orphans, f"dit-serve up left {orphans} behind:\n{up.console}"
+    last_line = up.console.strip().splitlines()[-1]
+    assert last_line.startswith("dit-serve up stopped: the worker exited before it was ready"), up.console
+    assert "/nonexistent is not a directory" in last_line
+
+
+def test_supervisor_gives_up_after_quick_consecutive_failures(
+    redis: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stand-in worker that registers, then crashes: no torch, so each start takes a fraction of a second.
+    crashing_worker = (
+        "import os, time; from redis import Redis; from dit_serve.catalog import publish_worker; "
+        "publish_worker(Redis.from_url(os.environ['REDIS_URL']), os.environ['DIT_WORKER_NAME'], [], 30); "
+        "time.sleep(0.5); raise SystemExit('crashed on purpose')"
+    )
+    monkeypatch.setattr(supervisor, "WORKER_COMMAND", [sys.executable, "-c", crashing_worker])
+    monkeypatch.setattr(supervisor, "RESTART_BACKOFF_S", 0.01)
+    gave_up = threading.Event()
+    watcher = supervisor.WorkerSupervisor({**os.environ, "REDIS_URL": redis_url}, redis_url, "t", gave_up.set)
+    with caplog.at_level(logging.INFO, logger=supervisor.__name__):
+        watcher.start()
+        try:
+            assert gave_up.wait(60), caplog.text
+        finally:
+            watcher.stop(5)
+    assert len(watcher.pids) == supervisor.MAX_QUICK_FAILURES
+    assert watcher.failure and f"died {len(watcher.pids)} times in a row" in watcher.failure, watcher.failure
+    assert "crashed on purpose" in watcher.failure
+    assert caplog.text.count("Restarting it in") == supervisor.MAX_QUICK_FAILURES - 1
+    assert live_workers(redis) == []  # each dead worker's registration was retired at once
+    assert not [pid for pid in watcher.pids if _alive(pid)]
 
 
 def test_api_answers_503_with_the_error_shape_when_redis_is_down(tmp_path: Path) -> None:
