@@ -4,7 +4,7 @@ from redis import Redis
 
 from app.errors import NotFound, ServiceUnavailable
 from app.schemas import JobBody, OutputBody
-from dit_serve.contract import JobSchemaError
+from dit_serve.contract import JobTooNewError
 from dit_serve.jobs import STATUS_FROM_RQ, WORKER_LOST, JobRecord, JobStatus, record_key, rq_job_key
 from dit_serve.queueing import queue_position
 
@@ -26,7 +26,7 @@ def read_record(redis: Redis, job_id: str) -> tuple[JobRecord, JobStatus]:
         raise NotFound(f"no job {job_id}; jobs are kept for a limited time after they end", "job_not_found")
     try:
         record = JobRecord.from_hash(raw)
-    except JobSchemaError as exc:  # a newer API replica wrote it, mid rolling upgrade
+    except JobTooNewError as exc:  # a newer API replica wrote it, mid rolling upgrade
         raise ServiceUnavailable(f"job {job_id}: {exc}", "job_schema_too_new") from exc
     return record, STATUS_FROM_RQ.get(rq_status.decode(), JobStatus.QUEUED)
 

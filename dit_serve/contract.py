@@ -140,13 +140,14 @@ class JobRequest(ClientOptions):
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "JobRequest":
-        """Parse a stored request; JobSchemaError when it is newer than this code or does not fit it."""
+        """Parse a stored request; JobTooNewError when a newer dit-serve wrote it, JobSchemaError when
+        it is damaged (does not fit the schema it names)."""
         try:
             version = int(json.loads(data).get("schema_version", SCHEMA_VERSION))
         except (ValueError, TypeError, AttributeError) as exc:
             raise JobSchemaError(f"the stored request is not a JSON object: {exc}") from exc
         if version > SCHEMA_VERSION:
-            raise JobSchemaError(too_new(version))
+            raise JobTooNewError(too_new(version))
         try:
             return cls.model_validate_json(data)
         except ValidationError as exc:
@@ -154,7 +155,11 @@ class JobRequest(ClientOptions):
 
 
 class JobSchemaError(ValueError):
-    """A stored job this code cannot read: written by a newer API, or damaged."""
+    """A stored job this code cannot read: damaged, or (JobTooNewError) written by a newer dit-serve."""
+
+
+class JobTooNewError(JobSchemaError):
+    """A stored job written with a newer job schema than this code understands."""
 
 
 def too_new(version: int) -> str:

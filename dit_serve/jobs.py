@@ -12,7 +12,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
-from dit_serve.contract import SCHEMA_VERSION, JobKind, JobRequest, JobSchemaError, too_new
+from dit_serve.contract import SCHEMA_VERSION, JobKind, JobRequest, JobTooNewError, too_new
 
 KEY_PREFIX = "dit"
 # What RQ would call if a stock `rq worker` took one of our jobs: it explains itself and fails.
@@ -156,11 +156,11 @@ class JobRecord(BaseModel):
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> "JobRecord":
-        """Parse the hash as Redis returns it; JobSchemaError when a newer dit-serve wrote it."""
+        """Parse the hash as Redis returns it; JobTooNewError when a newer dit-serve wrote it."""
         fields = {key.decode(): value.decode() for key, value in raw.items()}
         version = int(fields.get(RecordField.SCHEMA_VERSION, SCHEMA_VERSION))
         if version > SCHEMA_VERSION:
-            raise JobSchemaError(too_new(version))
+            raise JobTooNewError(too_new(version))
 
         def number(field: RecordField) -> float | None:
             return float(fields[field]) if fields.get(field) else None

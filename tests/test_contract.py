@@ -17,6 +17,7 @@ from dit_serve.contract import (
     JobKind,
     JobRequest,
     JobSchemaError,
+    JobTooNewError,
     ModelDefaults,
     ModelSpec,
     OutputFormat,
@@ -81,7 +82,7 @@ def test_a_request_that_breaks_the_contract_is_refused() -> None:
 
 def test_a_newer_schema_is_refused_with_advice_not_misread() -> None:
     newer = json.loads(_request().to_json()) | {"schema_version": SCHEMA_VERSION + 1, "brand_new": 1}
-    with pytest.raises(JobSchemaError, match=f"v{SCHEMA_VERSION + 1}.*upgrade"):
+    with pytest.raises(JobTooNewError, match=f"v{SCHEMA_VERSION + 1}.*upgrade"):
         JobRequest.from_json(json.dumps(newer))
     with pytest.raises(JobSchemaError, match="does not fit"):
         JobRequest.from_json(json.dumps(json.loads(_request().to_json()) | {"brand_new": 1}))
@@ -190,3 +191,21 @@ def test_the_worker_reads_no_request_by_string_key() -> None:
         if "request[" in line or "request.get(" in line
     ]
     assert offenders == []
+
+
+def test_the_api_answers_503_for_a_job_of_a_newer_schema(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Mid rolling upgrade an older API replica says why it cannot show a newer job, not a 500."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from dit_serve.config import Settings
+
+    enqueue_job(redis, "new", JobRecord.new(_request()), retries=0, ttl_s=TTL_S)
+    redis.hset(record_key("new"), RecordField.SCHEMA_VERSION, SCHEMA_VERSION + 1)
+    with TestClient(create_app(Settings(redis_url=redis_url, output_dir=tmp_path))) as client:
+        response = client.get("/v1/jobs/new")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "job_schema_too_new"
+    assert "upgrade" in response.json()["error"]["message"]
