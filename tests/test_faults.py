@@ -169,13 +169,20 @@ def test_a_redis_restart_mid_job_loses_nothing(model_dirs: dict[str, Path], tmp_
             job_id = _video(client, 50)
             _wait_progress(client, job_id)
             time.sleep(1.5)  # let the append-only file catch up (fsync every second)
+            running = client.get(f"/v1/jobs/{job_id}").json()
+            stopped_at = time.time()
             server.stop()
+            # the job was mid-flight when Redis went: the restart is survived, not dodged
+            assert running["status"] == "in_progress" and 0 < running["progress"] < 100, running
             down = client.post("/v1/videos", json={"prompt": "red circle moving left"})
             assert down.status_code == 503 and down.json()["error"]["code"] == "redis_unavailable"
             time.sleep(2)
             server.start()  # same port, same directory: the append-only file brings the jobs back
             job = wait_for_status(client, job_id, {"completed", "failed", "canceled"}, timeout_s=90)
-        assert job["status"] == "completed", job
+        assert job["status"] == "completed" and job["progress"] == 100, job
+        assert job["completed_at"] > stopped_at  # recorded once Redis was back
+        # finished by the run that was in flight, not reaped and run again
+        assert Redis.from_url(server.url).hget(f"dit:job:{job_id}", "attempts") == b"1"
     finally:
         svc.stop()
         server.stop()
