@@ -1,7 +1,6 @@
 """Continuous batching in a real worker: a job joins a running batch mid-flight, unchanged by it."""
 
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from tests.conftest import Service, metric, running_service, scrape, wait_for_st
 MAX_PIXEL_DIFF = 1  # out of 255
 LONG = {"class_labels": [3], "n": 8, "num_inference_steps": 100, "seed": 100}
 JOINER = {"class_labels": [17], "num_inference_steps": 100, "seed": 7, "guidance_scale": 6.0}
+RUN_STARTED = "continuous batch started"  # the worker's log line when a run (not a joiner) begins
+DENOISED = 95  # a job's progress once its denoising is done (decode, encode and store remain)
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +71,23 @@ def test_a_job_joins_a_running_batch_and_matches_its_solo_run(continuous_service
     assert moved("dit_job_latency_seconds_count", **img) == moved("dit_queue_wait_seconds_count", **img) == 3
 
 
-def test_cancel_in_a_continuous_batch_leaves_the_other_job(continuous_service: Service) -> None:
+def test_cancel_in_a_continuous_batch_leaves_the_job_that_joined_it(continuous_service: Service) -> None:
+    runs_before = continuous_service.worker_log().count(RUN_STARTED)
     with continuous_service.client() as client:
         long_job = client.post("/v1/images", json=LONG).json()
         wait_for_status(client, long_job["id"], {"in_progress"}, timeout_s=30)
         other = client.post("/v1/images", json=JOINER).json()
-        time.sleep(0.05)
-        assert client.delete(f"/v1/jobs/{long_job['id']}").status_code in (200, 202)
+        wait_for_status(client, other["id"], {"in_progress"}, timeout_s=30)
+        # the other job is running while the long one still denoises: it joined the long job's batch
+        long_now = client.get(f"/v1/jobs/{long_job['id']}").json()
+        assert long_now["status"] == "in_progress" and long_now["progress"] < DENOISED, long_now
+        assert client.delete(f"/v1/jobs/{long_job['id']}").status_code == 202
         canceled = client.get(f"/v1/jobs/{long_job['id']}", params={"wait": 60}).json()
         finished = client.get(f"/v1/jobs/{other['id']}", params={"wait": 60}).json()
     assert canceled["status"] == "canceled" and canceled["outputs"] == []
     assert finished["status"] == "completed" and len(finished["outputs"]) == 1
+    assert finished["started_at"] < canceled["completed_at"]
+    # one run held both jobs, and went on with the other after the cancel
+    log = continuous_service.worker_log()
+    assert log.count(RUN_STARTED) == runs_before + 1
+    assert f"job {long_job['id']} canceled at step" in log
