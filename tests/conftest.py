@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ TEST_DB = 15
 MOTO_START_TIMEOUT_S = 15.0
 BUCKET = "dit-outputs"
 REGION = "us-east-1"  # a dedicated database when REDIS_URL points at a shared server
+SHORT_SCHEDULE_TIMESTEPS = 20  # short_schedule_model: more denoising steps than this fail in sampling
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +70,22 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "pixart-sigma": build_tiny_pixart_model(root / "pixart-sigma", sigma=True),
         "wan": build_tiny_wan_model(root / "wan"),
     }
+
+
+@pytest.fixture(scope="session")
+def short_schedule_model(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny image model with a scheduler trained on SHORT_SCHEDULE_TIMESTEPS timesteps.
+
+    The API allows up to MAX_STEPS denoising steps for every model, so a request for more steps than
+    the schedule has is accepted, and its sampling raises (diffusers' set_timesteps refuses it): a
+    real fault from real parts, for the sampling_failed path.
+    """
+    path = tmp_path_factory.mktemp("short-schedule") / "short"
+    shutil.copytree(model_dirs["img"], path)
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_train_timesteps": SHORT_SCHEDULE_TIMESTEPS}))
+    return path
 
 
 def _wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]

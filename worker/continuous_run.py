@@ -42,15 +42,18 @@ class ContinuousRun:
     def run(self, tickets: list[JobTicket]) -> None:
         request = tickets[0].request
         self.compat = tickets[0].compat
-        self.batch = RunningBatch(
-            self.model,
-            int(request["num_inference_steps"]),
-            int(request["width"]),
-            int(request["height"]),
-            int(request.get("num_frames") or 1),
-        )
         log.info("continuous batch started: %s", self.compat)
+        # Ours from here: a batch that cannot even be set up (say, more steps than the model's schedule
+        # has) fails its jobs like any sampling error, rather than ending the worker with them held.
+        self.jobs.update((ticket.job_id, ticket) for ticket in tickets)
         try:
+            self.batch = RunningBatch(
+                self.model,
+                int(request["num_inference_steps"]),
+                int(request["width"]),
+                int(request["height"]),
+                int(request.get("num_frames") or 1),
+            )
             self._admit(tickets)
             while len(self.batch):
                 rows, start = len(self.batch), time.perf_counter()
