@@ -179,6 +179,17 @@ class Service:
                     process.wait()
 
 
+@contextmanager
+def paused(process: subprocess.Popen) -> Iterator[None]:
+    """A process stopped (SIGSTOP) for the block: a paused worker takes no job, and the jobs it holds stay
+    in_progress, however fast the machine (its heartbeat TTL is far longer than any pause here)."""
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
 def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = 60.0) -> dict:
     """Poll a job until its status is one of `statuses`; returns the job object."""
     deadline = time.monotonic() + timeout_s

@@ -3,13 +3,13 @@
 The API re-reads a waited-on job at least every WAIT_SLICE_S anyway, so "the waiter answered" proves
 little; these tests measure how long after the job's end (its `completed_at`, written in the same
 Redis script that signals the end) each waiter answered. Waiters are spread over one slice, so that
-if the signal were lost some waiter would sit out most of a slice before its next look.
+if the signal were lost some waiter would sit out most of a slice before its next look. The worker is
+paused (SIGSTOP) while the waiters line up, so that the job ends after they all wait on any machine.
 """
 
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from redis import Redis
 
 from app.routes.jobs import WAIT_SLICE_S
 from dit_serve.jobs import ended_key
-from tests.conftest import POLL_S, Service, running_service, wait_for_status
+from tests.conftest import POLL_S, Service, paused, running_service, wait_for_status
 
 WAIT_S = 30  # far above any job here: a waiter that answers well before it was woken by the job's end
 # A woken waiter answers within this of the job's end, on a loaded 2-core machine too; waiters spread
@@ -66,13 +66,17 @@ def _wait(service: Service, job_id: str, delay_s: float = 0.0, wait: float = WAI
         return Answer(body, asked_at, time.time())
 
 
+def _blocked_waiters(redis: Redis) -> int:
+    """Clients blocked in BLMOVE: the API's waits, and nothing else (a worker blocks in BLPOP)."""
+    return sum(1 for client in redis.client_list() if client["cmd"] == "blmove" and "b" in client["flags"])
+
+
 def _spread_waiters(pool: ThreadPoolExecutor, service: Service, job_id: str, count: int) -> list[Future]:
     """`count` waiters on one job, asking at times spread over one re-read slice; back once all block."""
     redis = Redis.from_url(service.redis_url)
-    blocked_before = redis.info("clients")["blocked_clients"]
     waiters = [pool.submit(_wait, service, job_id, k * WAIT_SLICE_S / count) for k in range(count)]
     deadline = time.monotonic() + BLOCKED_TIMEOUT_S
-    while redis.info("clients")["blocked_clients"] < blocked_before + count:
+    while _blocked_waiters(redis) < count:
         assert time.monotonic() < deadline, f"{count} waiters never all blocked on the job's end"
         assert not any(waiter.done() for waiter in waiters), "a waiter answered before the job ended"
         time.sleep(POLL_S / 5)
@@ -90,21 +94,16 @@ def _assert_woken(answers: list[Answer], status: str) -> None:
     )
 
 
-@contextmanager
-def _busy_worker(client: httpx.Client) -> Iterator[str]:
-    """The worker busy with a long job (its id), which is canceled on the way out."""
-    blocker = client.post("/v1/videos", json=SLOW_VIDEO).json()["id"]
-    try:
-        wait_for_status(client, blocker, {"in_progress"}, timeout_s=60)
-        yield blocker
-    finally:
-        client.delete(f"/v1/jobs/{blocker}")
+def _running_slow_video(client: httpx.Client) -> str:
+    job_id = client.post("/v1/videos", json=SLOW_VIDEO).json()["id"]
+    wait_for_status(client, job_id, {"in_progress"})
+    return job_id
 
 
 def test_many_waiters_are_woken_by_the_workers_signal(service: Service) -> None:
     with service.client() as client, ThreadPoolExecutor(MANY_WAITERS) as pool:
-        with _busy_worker(client):
-            # queued behind the blocker, so every waiter is waiting before the job runs at all
+        with paused(service.workers[0]):
+            # queued until the worker goes on, so every waiter is waiting before the job runs at all
             job = client.post("/v1/images", json=QUICK_IMAGE).json()
             waiters = _spread_waiters(pool, service, job["id"], MANY_WAITERS)
         answers = [waiter.result() for waiter in waiters]
@@ -117,27 +116,35 @@ def test_many_waiters_are_woken_by_the_workers_signal(service: Service) -> None:
     assert Redis.from_url(service.redis_url).llen(ended_key(job["id"])) == 1
 
 
-def test_a_cancel_wakes_the_waiters(service: Service) -> None:
-    """A queued job's cancel is signalled by the API, a running job's by the worker that drops it."""
-    with service.client() as client, ThreadPoolExecutor(8) as pool, _busy_worker(client) as running:
-        # another step count: never batched with the running job, so it stays queued
-        queued = client.post("/v1/videos", json={**SLOW_VIDEO, "num_inference_steps": 99}).json()["id"]
-        on_queued = _spread_waiters(pool, service, queued, 4)
-        assert client.delete(f"/v1/jobs/{queued}").status_code == 200
-        _assert_woken([waiter.result() for waiter in on_queued], "canceled")
+def test_a_queued_jobs_cancel_wakes_the_waiters(service: Service) -> None:
+    """The API cancels a queued job, and signals its end."""
+    with service.client() as client, ThreadPoolExecutor(4) as pool, paused(service.workers[0]):
+        job_id = client.post("/v1/videos", json=SLOW_VIDEO).json()["id"]
+        waiters = _spread_waiters(pool, service, job_id, 4)
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+        _assert_woken([waiter.result() for waiter in waiters], "canceled")
+    assert Redis.from_url(service.redis_url).llen(ended_key(job_id)) == 1
 
-        on_running = _spread_waiters(pool, service, running, 4)
-        assert client.delete(f"/v1/jobs/{running}").status_code == 202  # dropped at its next step
-        _assert_woken([waiter.result() for waiter in on_running], "canceled")
-    redis = Redis.from_url(service.redis_url)
-    assert redis.llen(ended_key(queued)) == redis.llen(ended_key(running)) == 1
+
+def test_a_running_jobs_cancel_wakes_the_waiters(service: Service) -> None:
+    """The worker drops a running job at its next step, and signals its end."""
+    with service.client() as client, ThreadPoolExecutor(4) as pool:
+        job_id = _running_slow_video(client)
+        with paused(service.workers[0]):
+            waiters = _spread_waiters(pool, service, job_id, 4)
+            assert client.delete(f"/v1/jobs/{job_id}").status_code == 202
+        _assert_woken([waiter.result() for waiter in waiters], "canceled")
+    assert Redis.from_url(service.redis_url).llen(ended_key(job_id)) == 1
 
 
 def test_a_wait_on_a_running_job_runs_out_on_time(service: Service) -> None:
-    with service.client() as client, _busy_worker(client) as running:
-        began = time.monotonic()
-        body = client.get(f"/v1/jobs/{running}", params={"wait": SHORT_WAIT_S}).json()
-        elapsed = time.monotonic() - began
+    with service.client() as client:
+        job_id = _running_slow_video(client)
+        with paused(service.workers[0]):  # in_progress for as long as the wait, however fast the machine
+            began = time.monotonic()
+            body = client.get(f"/v1/jobs/{job_id}", params={"wait": SHORT_WAIT_S}).json()
+            elapsed = time.monotonic() - began
+        client.delete(f"/v1/jobs/{job_id}")
     assert body["status"] == "in_progress" and body["progress"] < 100
     # not early (the wait is the client's to choose), and not a whole slice late
     assert SHORT_WAIT_S <= elapsed < SHORT_WAIT_S + TIMEOUT_SLACK_S, f"the wait took {elapsed:.3f} s"

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from redis import Redis
 
-from tests.conftest import Service, wait_for_status
+from tests.conftest import Service, paused, wait_for_status
 
 MAX_PIXEL_DIFF = 1  # out of 255: CPU fp32 batched vs solo
 
@@ -105,16 +105,10 @@ def test_sixteen_jobs_share_one_batch_and_each_matches_its_solo_run(service: Ser
     one_batch = f"batch of {len(requests)} outputs from {len(requests)} jobs"
     batches_before = service.worker_log().count(one_batch)
     with service.client() as client:
-        # The worker is busy while the sixteen arrive, so they are all queued when it next takes a batch.
-        blocker = client.post(
-            "/v1/videos",
-            json={"model": "vid", "prompt": "red circle moving left", "num_inference_steps": 100},
-        ).json()["id"]
-        wait_for_status(client, blocker, {"in_progress"})
-        with ThreadPoolExecutor(len(requests)) as pool:
+        # The worker is paused while the sixteen arrive, so they are all queued when it next takes a batch.
+        with paused(service.workers[0]), ThreadPoolExecutor(len(requests)) as pool:
             ids = list(pool.map(lambda body: client.post("/v1/images", json=body).json()["id"], requests))
-        assert {client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids} == {"queued"}
-        assert client.delete(f"/v1/jobs/{blocker}").status_code == 202
+            assert {client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids} == {"queued"}
         batched = [client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json() for job_id in ids]
         batched_pixels = [_image(client.get(job["outputs"][0]["url"]).content) for job in batched]
 
