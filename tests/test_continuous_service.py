@@ -24,6 +24,9 @@ from tests.conftest import (
 MAX_PIXEL_DIFF = 1  # out of 255
 LONG = {"class_labels": [3], "n": 8, "num_inference_steps": 100, "seed": 100}
 JOINER = {"class_labels": [17], "num_inference_steps": 100, "seed": 7, "guidance_scale": 6.0}
+# Seconds of denoising even on a fast machine (the image batch above takes well under one), so that a
+# test can see one job running beside another before it cancels either.
+SLOW_VIDEO = {"model": "slow", "prompt": "red circle moving left", "num_inference_steps": 100}
 RUN_STARTED = "continuous batch started"  # the worker's log line when a run (not a joiner) begins
 DENOISED = 95  # a job's progress once its denoising is done (decode, encode and store remain)
 
@@ -37,7 +40,7 @@ def continuous_service(
 ) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("continuous")
     worker_metrics = str(free_port())
-    models = {"img": model_dirs["img"], "short": short_schedule_model}
+    models = {"img": model_dirs["img"], "slow": model_dirs["slow"], "short": short_schedule_model}
     with running_service(
         redis_url, tmp, models, DIT_BATCHING="continuous", DIT_METRICS_PORT=worker_metrics
     ) as svc:
@@ -88,9 +91,9 @@ def test_a_job_joins_a_running_batch_and_matches_its_solo_run(continuous_service
 def test_cancel_in_a_continuous_batch_leaves_the_job_that_joined_it(continuous_service: Service) -> None:
     runs_before = continuous_service.worker_log().count(RUN_STARTED)
     with continuous_service.client() as client:
-        long_job = client.post("/v1/images", json=LONG).json()
+        long_job = client.post("/v1/videos", json=SLOW_VIDEO).json()
         wait_for_status(client, long_job["id"], {"in_progress"}, timeout_s=30)
-        other = client.post("/v1/images", json=JOINER).json()
+        other = client.post("/v1/videos", json={**SLOW_VIDEO, "prompt": "blue square moving up"}).json()
         wait_for_status(client, other["id"], {"in_progress"}, timeout_s=30)
         # the other job is running while the long one still denoises: it joined the long job's batch
         long_now = client.get(f"/v1/jobs/{long_job['id']}").json()
