@@ -1,12 +1,15 @@
 """Named API errors, each with one HTTP status and one error code; the handlers render them all alike."""
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -59,7 +62,11 @@ ErrorHook = Callable[[Request, int, str], None]
 
 
 def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> None:
-    """Every failure, including FastAPI's own and unexpected ones, gets the documented error shape."""
+    """Every failure, including FastAPI's own and unexpected ones, gets the documented error shape.
+
+    Install it before any middleware that should see error answers (the request metrics): Starlette
+    runs middlewares added later outside those added earlier.
+    """
 
     def answer(request: Request, status: int, code: str, message: str) -> JSONResponse:
         if on_error:
@@ -90,6 +97,19 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
         message = f"the job store (Redis) is unreachable: {exc}; retry later"
         return answer(request, 503, "redis_unavailable", message)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return answer(request, 500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    # Unexpected exceptions are answered by a middleware, inside the app: Starlette's handler for
+    # Exception (ServerErrorMiddleware) sends its answer and then re-raises, and the server then
+    # drops the keep-alive connection under the client and middlewares outside never see a response.
+    @app.middleware("http")
+    async def unexpected(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("unexpected error answering %s %s", request.method, request.url.path)
+            return internal_error(request, exc)
+
+    # Last resort, for a failure in a middleware added after this one.
+    app.exception_handler(Exception)(internal_error)

@@ -59,8 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.waits = waits
     app.state.storage = storage_from_settings(settings)
     app.state.metrics = APIMetrics(redis, settings.worker_metrics_url)
-    app.middleware("http")(app.state.metrics.middleware)
     install_error_handlers(app, app.state.metrics.error)
+    app.middleware("http")(app.state.metrics.middleware)  # after: it counts the error answers too
     for router in (generation.router, jobs.router, system.router):
         app.include_router(router)
     return app

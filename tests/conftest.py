@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ TEST_DB = 15
 MOTO_START_TIMEOUT_S = 15.0
 BUCKET = "dit-outputs"
 REGION = "us-east-1"  # a dedicated database when REDIS_URL points at a shared server
+SHORT_SCHEDULE_TIMESTEPS = 20  # short_schedule_model: more denoising steps than this fail in sampling
 
 
 # Fixtures that start API, worker, S3 or Prometheus processes: every test that uses one is `slow`, so
@@ -90,6 +92,22 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "pixart-sigma": build_tiny_pixart_model(root / "pixart-sigma", sigma=True),
         "wan": build_tiny_wan_model(root / "wan"),
     }
+
+
+@pytest.fixture(scope="session")
+def short_schedule_model(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny image model with a scheduler trained on SHORT_SCHEDULE_TIMESTEPS timesteps.
+
+    The API allows up to MAX_STEPS denoising steps for every model, so a request for more steps than
+    the schedule has is accepted, and its sampling raises (diffusers' set_timesteps refuses it): a
+    real fault from real parts, for the sampling_failed path.
+    """
+    path = tmp_path_factory.mktemp("short-schedule") / "short"
+    shutil.copytree(model_dirs["img"], path)
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_train_timesteps": SHORT_SCHEDULE_TIMESTEPS}))
+    return path
 
 
 def _wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -181,6 +199,17 @@ class Service:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+@contextmanager
+def paused(process: subprocess.Popen) -> Iterator[None]:
+    """A process stopped (SIGSTOP) for the block: a paused worker takes no job, and the jobs it holds stay
+    in_progress, however fast the machine (its heartbeat TTL is far longer than any pause here)."""
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
 
 
 def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = 60.0) -> dict:

@@ -1,9 +1,14 @@
-"""Bad input: each case is a 4xx in the documented error shape, and nothing is queued."""
+"""Bad input: each case is a 4xx in the documented error shape, and nothing is queued.
+
+Faults past the input (an output gone from storage, a job record the API cannot read) get the
+same shape, and the API serves on.
+"""
 
 import pytest
 from redis import Redis
 
-from tests.conftest import Service
+from dit_serve.jobs import RecordField, record_key
+from tests.conftest import Service, metric, scrape, wait_for_status
 
 VALID = {"prompt": "red circle"}
 BAD_IMAGE_BODIES = {
@@ -114,8 +119,6 @@ def test_unknown_job_is_404(service: Service) -> None:
 
 
 def test_output_index_out_of_range_is_404(service: Service) -> None:
-    from tests.conftest import wait_for_status
-
     with service.client() as client:
         job = client.post("/v1/images", json={**VALID, "num_inference_steps": 2}).json()
         wait_for_status(client, job["id"], {"completed"})
@@ -129,3 +132,37 @@ def test_output_index_out_of_range_is_404(service: Service) -> None:
 def test_unknown_route_has_error_shape(service: Service) -> None:
     with service.client() as client:
         assert _assert_error_shape(client.get("/v1/nothing-here"), 404)["code"] == "not_found"
+
+
+def test_an_output_gone_from_storage_is_404_output_not_found(service: Service) -> None:
+    with service.client() as client:
+        job = client.post("/v1/images", json={**VALID, "n": 2, "num_inference_steps": 2}).json()
+        done = wait_for_status(client, job["id"], {"completed"})
+        stored = service.tmp / "outputs" / "jobs" / job["id"] / "0.png"  # LocalStorage under DIT_OUTPUT_DIR
+        assert stored.is_file()
+        stored.unlink()
+        error = _assert_error_shape(client.get(done["outputs"][0]["url"]), 404)
+        assert error["code"] == "output_not_found" and "gone from storage" in error["message"]
+        # the job and its other output are untouched
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "completed"
+        assert client.get(done["outputs"][1]["url"]).headers["content-type"] == "image/png"
+
+
+def test_an_unexpected_fault_is_a_500_in_the_error_shape_and_the_api_serves_on(service: Service) -> None:
+    route = {"route": "/v1/jobs/{job_id}", "method": "GET", "status": "500"}
+    key = ("dit_http_requests_total", frozenset(route.items()))
+    counted_before = scrape(f"{service.base_url}/metrics").get(key, 0.0)  # the series starts at the first 500
+    with service.client() as client:
+        job = client.post("/v1/images", json={**VALID, "num_inference_steps": 2}).json()
+        wait_for_status(client, job["id"], {"completed"})
+        # a record no API or worker code writes: reading it raises deep in the API
+        Redis.from_url(service.redis_url).hset(record_key(job["id"]), RecordField.PROGRESS.value, "lots")
+        for params in ({}, {"wait": 1}):  # on one keep-alive connection: the 500 must not drop it
+            error = _assert_error_shape(client.get(f"/v1/jobs/{job['id']}", params=params), 500)
+            assert error["code"] == "internal_error" and error["message"].startswith("ValueError: ")
+        # the process is still up and answers everything else as before
+        assert client.get("/healthz").json() == {"status": "ok"}
+        other = client.post("/v1/images", json={**VALID, "num_inference_steps": 2}).json()
+        assert wait_for_status(client, other["id"], {"completed"})["progress"] == 100
+    counted = scrape(f"{service.base_url}/metrics")
+    assert metric(counted, "dit_http_requests_total", **route) == counted_before + 2

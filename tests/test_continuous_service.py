@@ -1,7 +1,9 @@
-"""Continuous batching in a real worker: a job joins a running batch mid-flight, unchanged by it."""
+"""Continuous batching in a real worker: a job joins a running batch mid-flight, unchanged by it.
+
+A job whose batch cannot be sampled fails with sampling_failed, and the worker serves on.
+"""
 
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,21 +12,37 @@ import pytest
 from PIL import Image
 
 from dit_serve.embedded_redis import free_port
-from tests.conftest import Service, metric, running_service, scrape, wait_for_status
+from tests.conftest import (
+    SHORT_SCHEDULE_TIMESTEPS,
+    Service,
+    metric,
+    running_service,
+    scrape,
+    wait_for_status,
+)
 
 MAX_PIXEL_DIFF = 1  # out of 255
 LONG = {"class_labels": [3], "n": 8, "num_inference_steps": 100, "seed": 100}
 JOINER = {"class_labels": [17], "num_inference_steps": 100, "seed": 7, "guidance_scale": 6.0}
+# Seconds of denoising even on a fast machine (the image batch above takes well under one), so that a
+# test can see one job running beside another before it cancels either.
+SLOW_VIDEO = {"model": "slow", "prompt": "red circle moving left", "num_inference_steps": 100}
+RUN_STARTED = "continuous batch started"  # the worker's log line when a run (not a joiner) begins
+DENOISED = 95  # a job's progress once its denoising is done (decode, encode and store remain)
 
 
 @pytest.fixture(scope="module")
 def continuous_service(
-    redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    redis_url: str,
+    model_dirs: dict[str, Path],
+    short_schedule_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("continuous")
     worker_metrics = str(free_port())
+    models = {"img": model_dirs["img"], "slow": model_dirs["slow"], "short": short_schedule_model}
     with running_service(
-        redis_url, tmp, {"img": model_dirs["img"]}, DIT_BATCHING="continuous", DIT_METRICS_PORT=worker_metrics
+        redis_url, tmp, models, DIT_BATCHING="continuous", DIT_METRICS_PORT=worker_metrics
     ) as svc:
         svc.worker_metrics = f"http://127.0.0.1:{worker_metrics}/metrics"  # type: ignore[attr-defined]
         yield svc
@@ -70,14 +88,44 @@ def test_a_job_joins_a_running_batch_and_matches_its_solo_run(continuous_service
     assert moved("dit_job_latency_seconds_count", **img) == moved("dit_queue_wait_seconds_count", **img) == 3
 
 
-def test_cancel_in_a_continuous_batch_leaves_the_other_job(continuous_service: Service) -> None:
+def test_cancel_in_a_continuous_batch_leaves_the_job_that_joined_it(continuous_service: Service) -> None:
+    runs_before = continuous_service.worker_log().count(RUN_STARTED)
     with continuous_service.client() as client:
-        long_job = client.post("/v1/images", json=LONG).json()
+        long_job = client.post("/v1/videos", json=SLOW_VIDEO).json()
         wait_for_status(client, long_job["id"], {"in_progress"}, timeout_s=30)
-        other = client.post("/v1/images", json=JOINER).json()
-        time.sleep(0.05)
-        assert client.delete(f"/v1/jobs/{long_job['id']}").status_code in (200, 202)
+        other = client.post("/v1/videos", json={**SLOW_VIDEO, "prompt": "blue square moving up"}).json()
+        wait_for_status(client, other["id"], {"in_progress"}, timeout_s=30)
+        # the other job is running while the long one still denoises: it joined the long job's batch
+        long_now = client.get(f"/v1/jobs/{long_job['id']}").json()
+        assert long_now["status"] == "in_progress" and long_now["progress"] < DENOISED, long_now
+        assert client.delete(f"/v1/jobs/{long_job['id']}").status_code == 202
         canceled = client.get(f"/v1/jobs/{long_job['id']}", params={"wait": 60}).json()
         finished = client.get(f"/v1/jobs/{other['id']}", params={"wait": 60}).json()
     assert canceled["status"] == "canceled" and canceled["outputs"] == []
     assert finished["status"] == "completed" and len(finished["outputs"]) == 1
+    assert finished["started_at"] < canceled["completed_at"]
+    # one run held both jobs, and went on with the other after the cancel
+    log = continuous_service.worker_log()
+    assert log.count(RUN_STARTED) == runs_before + 1
+    assert f"job {long_job['id']} canceled at step" in log
+
+
+def test_a_job_whose_sampling_raises_fails_and_the_worker_serves_on(continuous_service: Service) -> None:
+    before = scrape(continuous_service.worker_metrics)  # type: ignore[attr-defined]
+    too_many = {"model": "short", "class_labels": [3], "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS + 1}
+    with continuous_service.client() as client:
+        doomed = client.post("/v1/images", json=too_many)
+        assert doomed.status_code == 202  # the API cannot know the model's schedule is shorter
+        failed = client.get(f"/v1/jobs/{doomed.json()['id']}", params={"wait": 60}).json()
+        assert failed["status"] == "failed" and failed["outputs"] == [], failed
+        assert failed["error"]["code"] == "sampling_failed"
+        assert "num_inference_steps" in failed["error"]["message"]  # the cause, not just "failed"
+        # the same worker goes on serving that model
+        fits = client.post("/v1/images", json={**too_many, "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS})
+        done = client.get(f"/v1/jobs/{fits.json()['id']}", params={"wait": 60}).json()
+        assert done["status"] == "completed", done
+    assert continuous_service.workers[0].poll() is None
+    after = scrape(continuous_service.worker_metrics)  # type: ignore[attr-defined]
+    sampling_failed = {"model": "short", "kind": "image", "status": "failed", "code": "sampling_failed"}
+    counted = [metric(samples, "dit_jobs_finished_total", **sampling_failed) for samples in (before, after)]
+    assert counted[1] - counted[0] == 1

@@ -1,5 +1,6 @@
 """Cancel and crash safety, with a slow model so jobs are really in flight: real processes, real kill -9."""
 
+import json
 import os
 import signal
 import time
@@ -10,7 +11,7 @@ import pytest
 from redis import Redis
 
 from dit_serve.embedded_redis import free_port
-from tests.conftest import Service, metric, scrape, wait_for_status
+from tests.conftest import SHORT_SCHEDULE_TIMESTEPS, Service, metric, scrape, wait_for_status
 
 pytestmark = pytest.mark.slow
 RECOVERY_LIMIT_S = 60.0  # the promise: no job of a killed worker stays in_progress longer
@@ -147,14 +148,59 @@ def test_job_without_retries_fails_with_worker_lost(
 def test_sigterm_lets_the_worker_finish_its_batch(slow_service: Service) -> None:
     worker = slow_service.start_worker()
     with slow_service.client() as client:
+        assert client.get("/readyz").status_code == 200
         job_id = _video(client, 40)
         _wait_progress(client, job_id)
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
         job = client.get(f"/v1/jobs/{job_id}").json()
+        not_ready = client.get("/readyz")
     assert worker.returncode == 0
     assert job["status"] == "completed"  # warm shutdown: the batch in flight was finished, not dropped
     assert slow_service.live_workers() == []  # and the worker deregistered itself
+    assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "no_worker"
+
+
+def test_without_a_live_worker_the_api_is_alive_but_not_ready(slow_service: Service) -> None:
+    with slow_service.client() as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json() == {
+            "error": {"code": "no_worker", "message": "no live worker: start one with `dit-serve worker`"}
+        }
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/v1/models").json()["data"] == []
+
+
+def test_a_job_whose_sampling_raises_fails_with_sampling_failed(
+    slow_service: Service, short_schedule_model: Path
+) -> None:
+    worker_metrics = free_port()
+    worker = slow_service.start_worker(
+        DIT_MODELS=json.dumps([f"short={short_schedule_model}"]), DIT_METRICS_PORT=str(worker_metrics)
+    )
+    too_many = {
+        "model": "short",
+        "class_labels": [3],
+        "n": 2,
+        "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS + 1,
+    }
+    with slow_service.client() as client:
+        doomed = client.post("/v1/images", json=too_many)
+        assert doomed.status_code == 202  # the API cannot know that the model's schedule is shorter
+        failed = client.get(f"/v1/jobs/{doomed.json()['id']}", params={"wait": 60}).json()
+        assert failed["status"] == "failed" and failed["outputs"] == [], failed
+        assert failed["error"]["code"] == "sampling_failed"
+        assert "num_inference_steps" in failed["error"]["message"]  # the cause, not just "failed"
+        # the worker goes on serving that model
+        fits = client.post("/v1/images", json={**too_many, "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS})
+        done = client.get(f"/v1/jobs/{fits.json()['id']}", params={"wait": 60}).json()
+        assert done["status"] == "completed" and len(done["outputs"]) == 2, done
+    assert worker.poll() is None and "sampling failed for batch" in slow_service.worker_log()
+    counted = scrape(f"http://127.0.0.1:{worker_metrics}/metrics")
+    image = {"model": "short", "kind": "image"}
+    assert metric(counted, "dit_jobs_finished_total", **image, status="failed", code="sampling_failed") == 1
+    assert metric(counted, "dit_jobs_finished_total", **image, status="completed", code="") == 1
 
 
 def test_a_redis_restart_mid_job_loses_nothing(model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -166,16 +212,24 @@ def test_a_redis_restart_mid_job_loses_nothing(model_dirs: dict[str, Path], tmp_
         svc.start_api()
         svc.start_worker()
         with svc.client() as client:
-            job_id = _video(client, 50)
+            job_id = _video(client, 100)
             _wait_progress(client, job_id)
-            time.sleep(1.5)  # let the append-only file catch up (fsync every second)
+            # No wait for the append-only file's once-a-second fsync: a SIGTERMed Redis fsyncs it as it
+            # shuts down, and any wait here could let a fast machine finish the job before the stop.
+            running = client.get(f"/v1/jobs/{job_id}").json()
+            stopped_at = time.time()
             server.stop()
+            # the job was mid-flight when Redis went: the restart is survived, not dodged
+            assert running["status"] == "in_progress" and 0 < running["progress"] < 100, running
             down = client.post("/v1/videos", json={"prompt": "red circle moving left"})
             assert down.status_code == 503 and down.json()["error"]["code"] == "redis_unavailable"
             time.sleep(2)
             server.start()  # same port, same directory: the append-only file brings the jobs back
             job = wait_for_status(client, job_id, {"completed", "failed", "canceled"}, timeout_s=90)
-        assert job["status"] == "completed", job
+        assert job["status"] == "completed" and job["progress"] == 100, job
+        assert job["completed_at"] > stopped_at  # recorded once Redis was back
+        # finished by the run that was in flight, not reaped and run again
+        assert Redis.from_url(server.url).hget(f"dit:job:{job_id}", "attempts") == b"1"
     finally:
         svc.stop()
         server.stop()

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from redis import Redis
 
-from tests.conftest import Service, wait_for_status
+from tests.conftest import Service, paused, wait_for_status
 
 MAX_PIXEL_DIFF = 1  # out of 255: CPU fp32 batched vs solo
 
@@ -88,30 +88,53 @@ def test_server_picks_and_records_a_seed(service: Service) -> None:
     assert done["outputs"][0]["seed"] == job["request"]["seed"]
 
 
-def test_sixteen_jobs_share_batches_and_match_solo_outputs(service: Service) -> None:
+def _sixteen_requests() -> list[dict]:
+    """Compatible requests (one size and step count) with different labels, guidance and seeds."""
     body = {"num_inference_steps": 10, "guidance_scale": 3.0}
-    with service.client() as client:
-        solo = client.post("/v1/images", json={**body, "prompt": "green square", "seed": 1234}).json()
-        solo_pixels = _image(
-            client.get(wait_for_status(client, solo["id"], {"completed"})["outputs"][0]["url"]).content
+    requests = [{**body, "prompt": "green square", "seed": 1234}]
+    for k in range(1, 16):
+        requests.append(
+            {**body, "class_labels": [k % 24], "guidance_scale": 1.0 + k % 5, "seed": 1234 + k * 1000}
         )
+    return requests
 
-        def submit(k: int) -> str:
-            labels = {"class_labels": [k % 24]} if k else {"prompt": "green square"}
-            extra = {"guidance_scale": 1.0 + k % 5} if k else {}
-            return client.post(
-                "/v1/images", json={**body, **labels, **extra, "seed": 1234 + k * 1000 * (k > 0)}
-            ).json()["id"]
 
-        with ThreadPoolExecutor(16) as pool:
-            ids = list(pool.map(submit, range(16)))
-        jobs = [wait_for_status(client, job_id, {"completed"}) for job_id in ids]
-        batched_pixels = _image(client.get(jobs[0]["outputs"][0]["url"]).content)
-    executions = {Redis.from_url(service.redis_url).hget(f"dit:job:{job_id}", "execution") for job_id in ids}
-    assert len(executions) < len(ids), "16 jobs submitted at once should share batches"
-    assert jobs[0]["request"]["seed"] == 1234
-    diff = np.abs(batched_pixels.astype(int) - solo_pixels.astype(int)).max()
-    assert diff <= MAX_PIXEL_DIFF, f"same seed gave outputs {diff}/255 apart alone and in a batch"
+def test_sixteen_jobs_share_one_batch_and_each_matches_its_solo_run(service: Service) -> None:
+    redis = Redis.from_url(service.redis_url)
+    requests = _sixteen_requests()
+    one_batch = f"batch of {len(requests)} outputs from {len(requests)} jobs"
+    batches_before = service.worker_log().count(one_batch)
+    with service.client() as client:
+        # The worker is paused while the sixteen arrive, so they are all queued when it next takes a batch.
+        with paused(service.workers[0]), ThreadPoolExecutor(len(requests)) as pool:
+            ids = list(pool.map(lambda body: client.post("/v1/images", json=body).json()["id"], requests))
+            assert {client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids} == {"queued"}
+        batched = [client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json() for job_id in ids]
+        batched_pixels = [_image(client.get(job["outputs"][0]["url"]).content) for job in batched]
+
+        # Then each request alone: one job in the queue, so one job in its batch.
+        solo: list[str] = []
+        solo_pixels = []
+        for body in requests:
+            job = client.post("/v1/images", json=body).json()
+            done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+            solo.append(job["id"])
+            solo_pixels.append(_image(client.get(done["outputs"][0]["url"]).content))
+
+    assert [job["status"] for job in batched] == ["completed"] * len(requests)
+    executions = [redis.hget(f"dit:job:{job_id}", "execution") for job_id in ids]
+    assert len(set(executions)) == 1, f"16 queued compatible jobs ran in {len(set(executions))} batches"
+    assert service.worker_log().count(one_batch) == batches_before + 1
+    solo_executions = {redis.hget(f"dit:job:{job_id}", "execution") for job_id in solo}
+    assert len(solo_executions) == len(requests) and not solo_executions & set(executions)
+    assert [job["request"]["seed"] for job in batched] == [body["seed"] for body in requests]
+    for k, (alone, together) in enumerate(zip(solo_pixels, batched_pixels, strict=True)):
+        diff = np.abs(together.astype(int) - alone.astype(int)).max()
+        assert diff <= MAX_PIXEL_DIFF, (
+            f"job {k}: same request gave outputs {diff}/255 apart alone and in a batch"
+        )
+    # the sixteen are sixteen different pictures, so matching each one's own solo run means something
+    assert len({pixels.tobytes() for pixels in batched_pixels}) == len(requests)
 
 
 def test_models_endpoint_describes_served_models(service: Service) -> None:

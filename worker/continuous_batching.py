@@ -56,11 +56,14 @@ class ContinuousRun:
         request = tickets[0].request
         self.compat = request.compat
         metrics = self.ledger.metrics
-        self.batch = RunningBatch(
-            self.model, request.num_inference_steps, request.width, request.height, request.num_frames
-        )
         log.info("continuous batch started: %s", self.compat)
+        # Ours from here: a batch that cannot even be set up (say, more steps than the model's schedule
+        # has) fails its jobs like any sampling error, rather than ending the worker with them held.
+        self.jobs.update((ticket.job_id, ticket) for ticket in tickets)
         try:
+            self.batch = RunningBatch(
+                self.model, request.num_inference_steps, request.width, request.height, request.num_frames
+            )
             self._admit(tickets)
             while len(self.batch):
                 rows, start = len(self.batch), time.perf_counter()
@@ -80,6 +83,8 @@ class ContinuousRun:
 
     def _admit(self, tickets: list[JobTicket]) -> None:
         assert self.batch is not None
+        # The run's own before any row is added: if adding fails, the run fails them with the rest.
+        self.jobs.update((ticket.job_id, ticket) for ticket in tickets)
         for ticket in tickets:
             rows = ticket.rows()
             ids = self.batch.add(
