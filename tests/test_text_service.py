@@ -79,7 +79,8 @@ def test_four_prompts_batch_and_each_equals_the_pipeline(
     with text_service.client() as client:
         jobs = [wait_for_status(client, job_id, {"completed", "failed"}) for job_id in ids]
         assert all(job["status"] == "completed" for job in jobs), jobs
-        assert jobs[1]["request"]["negative_prompt"] == "blurry" and "class_labels" not in jobs[1]["request"]
+        request = jobs[1]["request"]
+        assert request["negative_prompt"] == "blurry" and request["class_labels"] is None
         images = [
             np.asarray(Image.open(io.BytesIO(client.get(job["outputs"][0]["url"]).content)).convert("RGB"))
             for job in jobs
