@@ -224,6 +224,21 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout_s} s, wanted {statuses}")
 
 
+def sampling_fails_then_serves(client: httpx.Client, too_many: dict, steps_that_fit: int) -> dict:
+    """Post `too_many` (more steps than the model's schedule): it fails `sampling_failed` naming the
+    cause; the same request with `steps_that_fit` then completes. Returns the completed job."""
+    doomed = client.post("/v1/images", json=too_many)
+    assert doomed.status_code == 202  # the API cannot know that the model's schedule is shorter
+    failed = client.get(f"/v1/jobs/{doomed.json()['id']}", params={"wait": 60}).json()
+    assert failed["status"] == "failed" and failed["outputs"] == [], failed
+    assert failed["error"]["code"] == "sampling_failed"
+    assert "num_inference_steps" in failed["error"]["message"]  # the cause, not just "failed"
+    fits = client.post("/v1/images", json={**too_many, "num_inference_steps": steps_that_fit})
+    done = client.get(f"/v1/jobs/{fits.json()['id']}", params={"wait": 60}).json()
+    assert done["status"] == "completed", done
+    return done
+
+
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of a Prometheus /metrics page, keyed by (sample name, its labels)."""
     text = httpx.get(url, timeout=10).text

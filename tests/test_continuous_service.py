@@ -17,6 +17,7 @@ from tests.conftest import (
     Service,
     metric,
     running_service,
+    sampling_fails_then_serves,
     scrape,
     wait_for_status,
 )
@@ -113,17 +114,8 @@ def test_cancel_in_a_continuous_batch_leaves_the_job_that_joined_it(continuous_s
 def test_a_job_whose_sampling_raises_fails_and_the_worker_serves_on(continuous_service: Service) -> None:
     before = scrape(continuous_service.worker_metrics)  # type: ignore[attr-defined]
     too_many = {"model": "short", "class_labels": [3], "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS + 1}
-    with continuous_service.client() as client:
-        doomed = client.post("/v1/images", json=too_many)
-        assert doomed.status_code == 202  # the API cannot know the model's schedule is shorter
-        failed = client.get(f"/v1/jobs/{doomed.json()['id']}", params={"wait": 60}).json()
-        assert failed["status"] == "failed" and failed["outputs"] == [], failed
-        assert failed["error"]["code"] == "sampling_failed"
-        assert "num_inference_steps" in failed["error"]["message"]  # the cause, not just "failed"
-        # the same worker goes on serving that model
-        fits = client.post("/v1/images", json={**too_many, "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS})
-        done = client.get(f"/v1/jobs/{fits.json()['id']}", params={"wait": 60}).json()
-        assert done["status"] == "completed", done
+    with continuous_service.client() as client:  # the same worker goes on serving that model
+        sampling_fails_then_serves(client, too_many, SHORT_SCHEDULE_TIMESTEPS)
     assert continuous_service.workers[0].poll() is None
     after = scrape(continuous_service.worker_metrics)  # type: ignore[attr-defined]
     sampling_failed = {"model": "short", "kind": "image", "status": "failed", "code": "sampling_failed"}

@@ -11,7 +11,14 @@ import pytest
 from redis import Redis
 
 from dit_serve.embedded_redis import free_port
-from tests.conftest import SHORT_SCHEDULE_TIMESTEPS, Service, metric, scrape, wait_for_status
+from tests.conftest import (
+    SHORT_SCHEDULE_TIMESTEPS,
+    Service,
+    metric,
+    sampling_fails_then_serves,
+    scrape,
+    wait_for_status,
+)
 
 pytestmark = pytest.mark.slow
 RECOVERY_LIMIT_S = 60.0  # the promise: no job of a killed worker stays in_progress longer
@@ -185,17 +192,9 @@ def test_a_job_whose_sampling_raises_fails_with_sampling_failed(
         "n": 2,
         "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS + 1,
     }
-    with slow_service.client() as client:
-        doomed = client.post("/v1/images", json=too_many)
-        assert doomed.status_code == 202  # the API cannot know that the model's schedule is shorter
-        failed = client.get(f"/v1/jobs/{doomed.json()['id']}", params={"wait": 60}).json()
-        assert failed["status"] == "failed" and failed["outputs"] == [], failed
-        assert failed["error"]["code"] == "sampling_failed"
-        assert "num_inference_steps" in failed["error"]["message"]  # the cause, not just "failed"
-        # the worker goes on serving that model
-        fits = client.post("/v1/images", json={**too_many, "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS})
-        done = client.get(f"/v1/jobs/{fits.json()['id']}", params={"wait": 60}).json()
-        assert done["status"] == "completed" and len(done["outputs"]) == 2, done
+    with slow_service.client() as client:  # the worker goes on serving that model
+        done = sampling_fails_then_serves(client, too_many, SHORT_SCHEDULE_TIMESTEPS)
+    assert len(done["outputs"]) == 2
     assert worker.poll() is None and "sampling failed for batch" in slow_service.worker_log()
     counted = scrape(f"http://127.0.0.1:{worker_metrics}/metrics")
     image = {"model": "short", "kind": "image"}

@@ -10,11 +10,10 @@ from redis import Redis
 from rq import Queue
 
 from dit_serve.catalog import SERVED_UNTIL_KEY, publish_worker
-from dit_serve.contract import JobKind, JobRequest, OutputFormat
 from dit_serve.jobs import JobRecord, RecordField, queue_name, record_key
 from dit_serve.queueing import enqueue_job, fail_orphaned_jobs, reap_lost_jobs
 from tests.conftest import Service, wait_for_status
-from tests.test_contract import SPEC
+from tests.test_contract import SPEC, _request
 
 TTL_S = 3600
 ORPHAN_S = 300.0
@@ -22,19 +21,7 @@ HEARTBEAT_TTL_S = 3
 
 
 def _enqueue(redis: Redis, job_id: str, model: str = SPEC.name, age_s: float = 0.0) -> None:
-    request = JobRequest(
-        kind=JobKind.IMAGE,
-        model=model,
-        n=1,
-        seed=1,
-        class_labels=[0],
-        guidance_scale=4.0,
-        num_inference_steps=5,
-        width=32,
-        height=32,
-        output_format=OutputFormat.PNG,
-    )
-    record = JobRecord.new(request).model_copy(update={"created_at": time.time() - age_s})
+    record = JobRecord.new(_request(model=model)).model_copy(update={"created_at": time.time() - age_s})
     enqueue_job(redis, job_id, record, retries=0, ttl_s=TTL_S)
 
 
