@@ -23,6 +23,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1  # the newest job schema this code writes and understands
+MAX_QUEUE_TIMEOUT_S = 86_400
 
 
 class JobKind(StrEnum):
@@ -92,6 +93,14 @@ class ClientOptions(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue_timeout_s: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_QUEUE_TIMEOUT_S,
+        description="a job not started within this many seconds of its acceptance fails with "
+        "queue_timeout and never starts later; default: no limit",
+    )
 
 
 class JobRequest(ClientOptions):

@@ -62,6 +62,7 @@ class RecordField(StrEnum):
     EXECUTION = "execution"  # id of the batch run that holds the job now
     WORKER = "worker"
     ATTEMPTS = "attempts"
+    DEADLINE = "deadline"  # unix time by which the job must have started (queue_timeout_s), if any
 
 
 def record_key(job_id: str) -> str:
@@ -137,13 +138,20 @@ class JobRecord(BaseModel):
     def model(self) -> str:
         return self.request.model
 
+    @property
+    def deadline(self) -> float | None:
+        """Unix time by which the job must have started, when it has a queue_timeout_s."""
+        timeout = self.request.queue_timeout_s
+        return self.created_at + timeout if timeout is not None else None
+
     @classmethod
     def new(cls, request: JobRequest) -> "JobRecord":
         return cls(schema_version=request.schema_version, request=request, created_at=time.time())
 
     def creation_fields(self) -> dict[str, str]:
         """The hash fields the API writes when it accepts the job."""
-        return {
+        deadline = {RecordField.DEADLINE.value: repr(self.deadline)} if self.deadline is not None else {}
+        return deadline | {
             RecordField.SCHEMA_VERSION: str(self.schema_version),
             RecordField.KIND: self.kind.value,
             RecordField.MODEL: self.model,
@@ -196,6 +204,7 @@ SAMPLING_FAILED = "sampling_failed"
 STORAGE_FAILED = "storage_failed"
 INVALID_JOB = "invalid_job"  # a record this worker cannot read (damaged); a newer one is left queued
 NO_WORKER = "no_worker"  # failed by the reaper: no live worker has served its model for too long
+QUEUE_TIMEOUT = "queue_timeout"  # not started within the request's queue_timeout_s
 
 # An RQ job that failed without our error record was failed by RQ's abandoned-job cleanup.
 WORKER_LOST = JobError(

@@ -14,9 +14,11 @@ from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
 
 from dit_serve.catalog import served_until
+from dit_serve.contract import JobRequest
 from dit_serve.jobs import (
     KEY_PREFIX,
     NO_WORKER,
+    QUEUE_TIMEOUT,
     TASK_FUNCTION,
     JobError,
     JobRecord,
@@ -39,6 +41,8 @@ REAPED_KEY = f"{KEY_PREFIX}:stats:reaped"
 REAPED_REQUEUED, REAPED_FAILED = "requeued", "failed"
 REAPED_ORPHANED = "orphaned"  # queued, and failed with no_worker: no live worker for its model
 DEFAULT_TTL_S = 7 * 24 * 3600
+DEADLINES_KEY = f"{KEY_PREFIX}:deadlines"  # sorted set: job id -> unix time it must have started by
+EXPIRED_BATCH = 500  # jobs past their deadline looked at per reaping pass
 
 # KEYS: rq job, our record, the queue list, the canceled registry, the job's ended list.
 # ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds.
@@ -104,6 +108,8 @@ def enqueue_job(redis: Redis, job_id: str, record: JobRecord, *, retries: int, t
         description=f"dit-serve {record.kind} on {model}",
     )
     with redis.pipeline() as pipe:
+        if record.deadline is not None:
+            pipe.zadd(DEADLINES_KEY, {job_id: record.deadline})
         pipe.lpush(wake_key(name), "1")
         pipe.ltrim(wake_key(name), 0, MAX_WAKE_TOKENS - 1)
         pipe.execute()
@@ -164,8 +170,55 @@ def reap_lost_jobs(redis: Redis, orphan_timeout_s: float | None = None, ttl_s: i
             outcome = REAPED_REQUEUED if job.retries_left else REAPED_FAILED
             redis.hincrby(REAPED_KEY, f"{model}|{outcome}", 1)
             log.warning("job %s of %s lost its worker: %s", job.id, model, outcome)
+    fail_expired_jobs(redis, ttl_s)
     if orphan_timeout_s is not None:
         fail_orphaned_jobs(redis, orphan_timeout_s, ttl_s)
+
+
+def fail_queued_job(redis: Redis, queue: str, job_id: str, error: JobError, ttl_s: int) -> bool:
+    """Fail a job if it is still queued (atomically), so that it never starts; False if it was not."""
+    now = time.time()
+    keys = [
+        rq_job_key(job_id),
+        record_key(job_id),
+        Queue(queue, connection=redis).key,
+        FailedJobRegistry(queue, connection=redis).key,
+        ended_key(job_id),
+    ]
+    args: list[str | float] = [job_id, rq_timestamp(now), now + ttl_s, now, ttl_s, error.model_dump_json()]
+    return bool(redis.register_script(_FAIL_QUEUED_SCRIPT)(keys=keys, args=args))
+
+
+def queue_timeout_error(queue_timeout_s: int | None) -> JobError:
+    return JobError(
+        code=QUEUE_TIMEOUT,
+        message=(
+            f"the job was not started within its queue_timeout_s ({queue_timeout_s} s), so it was not "
+            "run; submit it again with a longer queue_timeout_s, or when the queue is shorter"
+        ),
+    )
+
+
+def fail_expired_jobs(redis: Redis, ttl_s: int) -> int:
+    """Fail with `queue_timeout` the queued jobs whose deadline has passed; returns how many failed.
+
+    Workers never take such a job (worker/queue.py checks the deadline atomically as it takes), so
+    this only makes sure a job ends on time even when no worker looks at its queue.
+    """
+    due: list[bytes] = redis.zrangebyscore(DEADLINES_KEY, "-inf", time.time(), 0, EXPIRED_BATCH)  # type: ignore[assignment]
+    failed = 0
+    for raw_id in due:
+        job_id = raw_id.decode()
+        model = redis.hget(record_key(job_id), RecordField.MODEL)
+        request = redis.hget(record_key(job_id), RecordField.REQUEST)
+        if model is not None and request is not None:
+            timeout = JobRequest.model_validate_json(request).queue_timeout_s  # type: ignore[arg-type]
+            error = queue_timeout_error(timeout)
+            if fail_queued_job(redis, queue_name(model.decode()), job_id, error, ttl_s):  # type: ignore[union-attr]
+                failed += 1
+                log.info("job %s failed: not started within its queue_timeout_s", job_id)
+        redis.zrem(DEADLINES_KEY, job_id)
+    return failed
 
 
 def fail_orphaned_jobs(redis: Redis, orphan_timeout_s: float, ttl_s: int) -> int:
@@ -177,7 +230,6 @@ def fail_orphaned_jobs(redis: Redis, orphan_timeout_s: float, ttl_s: int) -> int
     """
     now = time.time()
     failed = 0
-    fail_queued = redis.register_script(_FAIL_QUEUED_SCRIPT)
     for queue in dit_queues(redis):
         model = queue.name.removeprefix(QUEUE_PREFIX)
         until = served_until(redis, model) or 0.0
@@ -191,16 +243,12 @@ def fail_orphaned_jobs(redis: Redis, orphan_timeout_s: float, ttl_s: int) -> int
                 f"was never run; start a worker serving it (dit-serve worker --model {model}=SOURCE) and "
                 "submit the job again"
             ),
-        ).model_dump_json()
-        failed_registry = FailedJobRegistry(queue.name, connection=redis).key
+        )
         for job_id in job_ids:
             created_at = float(redis.hget(record_key(job_id), RecordField.CREATED_AT) or 0)  # type: ignore[arg-type]
             if max(until, created_at) > now - orphan_timeout_s:
                 continue
-            if fail_queued(
-                keys=[rq_job_key(job_id), record_key(job_id), queue.key, failed_registry, ended_key(job_id)],
-                args=[job_id, rq_timestamp(now), now + ttl_s, now, ttl_s, error],
-            ):
+            if fail_queued_job(redis, queue.name, job_id, error, ttl_s):
                 failed += 1
                 redis.hincrby(REAPED_KEY, f"{model}|{REAPED_ORPHANED}", 1)
                 log.warning("job %s of %s failed: no live worker for %.0f s", job_id, model, orphan_timeout_s)

@@ -27,7 +27,7 @@ from dit_serve.jobs import (
     rq_job_key,
     wake_key,
 )
-from dit_serve.queueing import rq_timestamp
+from dit_serve.queueing import fail_expired_jobs, rq_timestamp
 from worker.batching import JobHandle, JobTicket
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ LOOKAHEAD = 256  # queued jobs scanned for compatible ones per take
 # KEYS: queue list, StartedJobRegistry, CanceledJobRegistry.
 # ARGV: max samples, lookahead, compat ('' = any), RQ now, heartbeat deadline, worker name,
 #       execution id, unix now, rq job key prefix, record key prefix, ttl seconds, newest job schema
-#       this worker reads. Returns {taken ids, ids left queued because their schema is newer}.
+#       this worker reads. Returns {taken ids, ids left queued because their schema is newer, ids left
+#       queued because their deadline has passed (never started: the reaper fails them)}.
 _TAKE_SCRIPT = """
 local max_samples = tonumber(ARGV[1])
 local compat = ARGV[3]
@@ -45,6 +46,7 @@ local max_schema = tonumber(ARGV[12])
 local total = 0
 local taken = {}
 local too_new = {}
+local expired = {}
 local ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 for _, id in ipairs(ids) do
   local job_key = ARGV[9] .. id
@@ -54,11 +56,14 @@ for _, id in ipairs(ids) do
     -- Only queued jobs belong in a queue: drop entries of deleted or already started jobs.
     redis.call('LREM', KEYS[1], 0, id)
   else
-    local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel', 'schema_version')
+    local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel', 'schema_version', 'deadline')
     local samples = tonumber(rec[2])
     if (tonumber(rec[4]) or 1) > max_schema then
       -- Written by a newer API: leave it queued for a worker that reads it.
       too_new[#too_new + 1] = id
+    elseif rec[5] and tonumber(rec[5]) < tonumber(ARGV[8]) then
+      -- Not started by its deadline: it must never start.
+      expired[#expired + 1] = id
     elseif rec[3] == '1' then
       redis.call('LREM', KEYS[1], 0, id)
       redis.call('HSET', job_key, 'status', 'canceled', 'ended_at', ARGV[4])
@@ -80,7 +85,7 @@ for _, id in ipairs(ids) do
     end
   end
 end
-return {taken, too_new}
+return {taken, too_new, expired}
 """
 
 # Settle a held job: only if it is still started and still ours (a reaped and requeued job is not).
@@ -131,7 +136,7 @@ class JobQueue:
         whose stored request cannot be read fails at once with `invalid_job`.
         """
         now = time.time()
-        ids, newer = self._take(
+        ids, newer, expired = self._take(
             keys=[
                 self.queues[queue].key,
                 self._started(queue).key,
@@ -153,6 +158,8 @@ class JobQueue:
             ],
         )
         self._tell_too_new(queue, [job_id.decode() for job_id in newer])
+        if expired:
+            fail_expired_jobs(self.redis, self.ttl_s)
         if not ids:
             return []
         with self.redis.pipeline() as pipe:
