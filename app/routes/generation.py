@@ -1,19 +1,28 @@
 """POST /v1/images and POST /v1/videos: validate, normalise, enqueue, answer 202 with the job."""
 
+import time
+
 from fastapi import APIRouter, Depends, Request, Response, status
 from redis import Redis
 
 from app.deps import RedisDep, SettingsDep, require_json
+from app.errors import Conflict, InvalidRequest, NotFound
 from app.schemas import ImageRequest, JobBody, VideoRequest
 from app.submission import choose_model, new_job_id, normalise
 from app.views import job_body
 from dit_serve.catalog import served_models
 from dit_serve.config import Settings
 from dit_serve.contract import JobKind
+from dit_serve.idempotency import IDEMPOTENCY_HEADER, VALID_KEY, Claim, ClaimOutcome, claim, fingerprint
+from dit_serve.idempotency import release as release_claim
 from dit_serve.jobs import JobRecord
 from dit_serve.queueing import enqueue_job
 
 router = APIRouter(prefix="/v1", tags=["generation"])
+
+
+REPLAY_WAIT_S = 5.0  # how long a duplicate waits for the first request to finish creating the job
+REPLAY_POLL_S = 0.02
 
 
 def _submit(
@@ -26,10 +35,56 @@ def _submit(
 ) -> JobBody:
     spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
     job_id, record = new_job_id(), JobRecord.new(normalise(body, kind, spec))
-    enqueue_job(redis, job_id, record, retries=settings.job_retries, ttl_s=settings.job_ttl_s)
+    idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
+    scope = ""  # the caller; one scope while requests carry no API key
+    if idempotency_key is not None:
+        claimed = _claim(redis, scope, idempotency_key, request.url.path, body, job_id)
+        if claimed.outcome is not ClaimOutcome.NEW:
+            response.headers["Location"] = f"/v1/jobs/{claimed.job_id}"
+            response.headers["Idempotent-Replayed"] = "true"
+            return _replayed(redis, claimed.job_id)
+    try:
+        enqueue_job(redis, job_id, record, retries=settings.job_retries, ttl_s=settings.job_ttl_s)
+    except Exception:
+        if idempotency_key is not None:
+            release_claim(redis, scope, idempotency_key)  # a retry must be able to create the job
+        raise
     request.app.state.metrics.accepted.labels(kind.value, spec.name).inc()
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return job_body(redis, job_id)
+
+
+def _claim(
+    redis: Redis, scope: str, key: str, route: str, body: ImageRequest | VideoRequest, job_id: str
+) -> Claim:
+    """Claim the Idempotency-Key for this request; 409 if it was used with another body."""
+    if not VALID_KEY.match(key):
+        raise InvalidRequest(
+            f"{IDEMPOTENCY_HEADER} must be 1-255 visible ASCII characters", "invalid_idempotency_key"
+        )
+    claimed = claim(redis, scope, key, fingerprint(route, body.model_dump_json(exclude_unset=True)), job_id)
+    if claimed.outcome is ClaimOutcome.CONFLICT:
+        raise Conflict(
+            f"{IDEMPOTENCY_HEADER} {key!r} was used with a different request within the last 24 h "
+            f"(job {claimed.job_id}); use a new key for a new request",
+            "idempotency_key_reused",
+        )
+    return claimed
+
+
+def _replayed(redis: Redis, job_id: str) -> JobBody:
+    """The job an earlier identical request created (it may still be in the middle of being created)."""
+    deadline = time.monotonic() + REPLAY_WAIT_S
+    while True:
+        try:
+            return job_body(redis, job_id)
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise Conflict(
+                    f"an identical request with this {IDEMPOTENCY_HEADER} is still being accepted; retry",
+                    "idempotency_key_in_use",
+                ) from None
+            time.sleep(REPLAY_POLL_S)
 
 
 @router.post("/images", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(require_json)])
