@@ -18,9 +18,10 @@ class APIError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, code: str | None = None):
+    def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
         if code:
             self.code = code
 
@@ -43,6 +44,15 @@ class Conflict(APIError):
 
 class ServiceUnavailable(APIError):
     status, code = 503, "unavailable"
+
+
+class TooManyRequests(APIError):
+    """A limit was hit; `Retry-After` says when to try again."""
+
+    status, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, code: str, retry_after_s: int):
+        super().__init__(message, code, {"Retry-After": str(retry_after_s)})
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -68,14 +78,16 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
     runs middlewares added later outside those added earlier.
     """
 
-    def answer(request: Request, status: int, code: str, message: str) -> JSONResponse:
+    def answer(
+        request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
         if on_error:
             on_error(request, status, code)
-        return JSONResponse(error_body(code, message), status_code=status)
+        return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return answer(request, exc.status, exc.code, exc.message)
+        return answer(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -52,6 +52,11 @@ REJECTION_REASONS = (
     "unknown_label",
     "no_model",
     "redis_unavailable",
+    "no_label_names",
+    "unsupported_size",
+    "queue_full",
+    "idempotency_key_reused",
+    "invalid_idempotency_key",
 )
 # What a cancel that took did (dit_serve.queueing.cancel_job), and what the reaper did with a lost job.
 CANCEL_OUTCOMES = ("canceled", "cancel_requested")

@@ -61,6 +61,12 @@ COMMON_FLAGS = [
         "metrics_host",
         "address of a worker's /metrics (DIT_METRICS_HOST, default 127.0.0.1)",
     ),
+    (
+        "--max-queue-depth",
+        "max_queue_depth",
+        "most jobs waiting in one model's queue; more are refused with 429 queue_full, 0 for no cap "
+        "(DIT_MAX_QUEUE_DEPTH, default 1000)",
+    ),
     ("--default-model", "default_model", "model used when a request names none (DIT_DEFAULT_MODEL)"),
     ("--log-level", "log_level", "debug, info, warning (DIT_LOG_LEVEL)"),
 ]

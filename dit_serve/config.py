@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: int = Field(30, ge=2)
     reap_interval_s: float = Field(5.0, gt=0)
     job_retries: int = Field(2, ge=0, le=10)
+    # Admission: at most this many jobs wait in one model's queue (0: no cap); more get 429 queue_full.
+    max_queue_depth: int = Field(1000, ge=0)
     # A queued job whose model has had no live worker for this long fails with no_worker.
     orphan_timeout_s: float = Field(300.0, gt=0)
     # How long finished, failed and canceled jobs (and their records) stay visible.

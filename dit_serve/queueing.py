@@ -11,7 +11,7 @@ from typing import Literal
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Job
-from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from dit_serve.catalog import served_until
 from dit_serve.contract import JobRequest
@@ -81,6 +81,16 @@ redis.call('RPUSH', KEYS[5], '1')
 redis.call('EXPIRE', KEYS[5], ARGV[5])
 return 1
 """
+# Keep a just-queued job only if it is within the first max_depth of its queue (or already taken).
+# KEYS: the queue list, rq job, our record. ARGV: job id, max depth. Returns 1 kept, 0 taken back.
+_KEEP_WITHIN_DEPTH_SCRIPT = """
+local position = redis.call('LPOS', KEYS[1], ARGV[1])
+if not position or position < tonumber(ARGV[2]) then return 1 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'queued' then return 1 end
+redis.call('LREM', KEYS[1], 0, ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+return 0
+"""
 ORPHAN_SCAN = 1000  # queued jobs looked at per queue and pass
 
 CancelOutcome = Literal["canceled", "cancel_requested", "missing"] | str
@@ -92,8 +102,19 @@ def rq_timestamp(unix: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix)) + f".{int(unix % 1 * 1e6):06d}Z"
 
 
-def enqueue_job(redis: Redis, job_id: str, record: JobRecord, *, retries: int, ttl_s: int) -> None:
-    """Write the job's record, then put it on its model's RQ queue and wake one idle worker."""
+class QueueFullError(Exception):
+    """The model's queue already holds max_depth jobs; the job was not queued."""
+
+
+def enqueue_job(
+    redis: Redis, job_id: str, record: JobRecord, *, retries: int, ttl_s: int, max_depth: int = 0
+) -> None:
+    """Write the job's record, then put it on its model's RQ queue and wake one idle worker.
+
+    With `max_depth`, a job that lands at position max_depth or later is taken back (atomically, if
+    no worker took it meanwhile) and QueueFullError is raised: concurrent submissions can never
+    leave more than max_depth jobs queued.
+    """
     model = record.model
     name = queue_name(model)
     redis.hset(record_key(job_id), mapping=record.creation_fields())  # type: ignore[arg-type]
@@ -107,6 +128,11 @@ def enqueue_job(redis: Redis, job_id: str, record: JobRecord, *, retries: int, t
         job_timeout=-1,
         description=f"dit-serve {record.kind} on {model}",
     )
+    if max_depth and not redis.register_script(_KEEP_WITHIN_DEPTH_SCRIPT)(
+        keys=[Queue(name, connection=redis).key, rq_job_key(job_id), record_key(job_id)],
+        args=[job_id, max_depth],
+    ):
+        raise QueueFullError(f"the queue of {model} holds {max_depth} jobs")
     with redis.pipeline() as pipe:
         if record.deadline is not None:
             pipe.zadd(DEADLINES_KEY, {job_id: record.deadline})
@@ -253,3 +279,11 @@ def fail_orphaned_jobs(redis: Redis, orphan_timeout_s: float, ttl_s: int) -> int
                 redis.hincrby(REAPED_KEY, f"{model}|{REAPED_ORPHANED}", 1)
                 log.warning("job %s of %s failed: no live worker for %.0f s", job_id, model, orphan_timeout_s)
     return failed
+
+
+def completions_per_s(redis: Redis, model: str, ttl_s: int, window_s: float) -> float:
+    """How fast the model's jobs finished over the last window_s (from RQ's finished registry)."""
+    registry = FinishedJobRegistry(queue_name(model), connection=redis)
+    # Finished jobs are scored with their expiry, finish time + ttl_s (worker/queue.py).
+    since = time.time() + ttl_s - window_s
+    return int(redis.zcount(registry.key, since, "+inf")) / window_s  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
+from dit_serve.contract import ModelSpec
 from dit_serve.embedded_redis import EmbeddedRedis, free_port
 
 STARTUP_TIMEOUT_S = 60.0
@@ -272,6 +273,24 @@ def running_service(
     finally:
         svc.stop()
         Redis.from_url(redis_url).flushdb()
+
+
+@contextmanager
+def api_without_workers(redis_url: str, tmp: Path, spec: ModelSpec, **env: str) -> Iterator[Service]:
+    """A real API process on an emptied Redis, with `spec` registered as served but no worker: jobs
+    are accepted and stay queued (for admission tests)."""
+    from dit_serve.catalog import publish_worker
+
+    redis = Redis.from_url(redis_url)
+    redis.flushdb()
+    svc = Service(redis_url, tmp, {}, {"DIT_DEFAULT_MODEL": spec.name, **env})
+    publish_worker(redis, "registered-only", [spec], ttl_s=600)
+    try:
+        svc.start_api()
+        yield svc
+    finally:
+        svc.stop()
+        redis.flushdb()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import pytest
 from redis import Redis
 from rq import Queue
 
-from dit_serve.catalog import publish_worker
 from dit_serve.idempotency import IDEMPOTENCY_TTL_S, ClaimOutcome, claim, claim_key
 from dit_serve.jobs import queue_name
-from tests.conftest import Service
+from tests.conftest import Service, api_without_workers
 from tests.test_contract import SPEC
 
 BODY = {"prompt": "red circle", "seed": 5}
@@ -33,17 +32,8 @@ def test_a_key_is_claimed_once_then_replayed_or_refused(redis: Redis) -> None:
 
 @pytest.fixture
 def api_only(redis_url: str, tmp_path: Path) -> Iterator[Service]:
-    """A real API process; the model is registered as served, and no worker takes the jobs."""
-    redis = Redis.from_url(redis_url)
-    redis.flushdb()
-    svc = Service(redis_url, tmp_path, {}, {"DIT_DEFAULT_MODEL": SPEC.name})
-    publish_worker(redis, "registered-only", [SPEC], ttl_s=300)
-    try:
-        svc.start_api()
+    with api_without_workers(redis_url, tmp_path, SPEC) as svc:
         yield svc
-    finally:
-        svc.stop()
-        redis.flushdb()
 
 
 def _post(svc: Service, key: str | None, body: dict) -> httpx.Response:

@@ -1,12 +1,13 @@
 """POST /v1/images and POST /v1/videos: validate, normalise, enqueue, answer 202 with the job."""
 
+import math
 import time
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from redis import Redis
 
 from app.deps import RedisDep, SettingsDep, require_json
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from app.schemas import ImageRequest, JobBody, VideoRequest
 from app.submission import choose_model, new_job_id, normalise
 from app.views import job_body
@@ -16,13 +17,16 @@ from dit_serve.contract import JobKind
 from dit_serve.idempotency import IDEMPOTENCY_HEADER, VALID_KEY, Claim, ClaimOutcome, claim, fingerprint
 from dit_serve.idempotency import release as release_claim
 from dit_serve.jobs import JobRecord
-from dit_serve.queueing import enqueue_job
+from dit_serve.queueing import QueueFullError, completions_per_s, enqueue_job
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 
 
 REPLAY_WAIT_S = 5.0  # how long a duplicate waits for the first request to finish creating the job
 REPLAY_POLL_S = 0.02
+DRAIN_WINDOW_S = 60.0  # Retry-After of queue_full comes from the completions of the last minute
+UNKNOWN_DRAIN_RETRY_S = 5  # ... or this, when nothing completed in that minute
+MAX_RETRY_AFTER_S = 60
 
 
 def _submit(
@@ -44,14 +48,35 @@ def _submit(
             response.headers["Idempotent-Replayed"] = "true"
             return _replayed(redis, claimed.job_id)
     try:
-        enqueue_job(redis, job_id, record, retries=settings.job_retries, ttl_s=settings.job_ttl_s)
-    except Exception:
+        enqueue_job(
+            redis,
+            job_id,
+            record,
+            retries=settings.job_retries,
+            ttl_s=settings.job_ttl_s,
+            max_depth=settings.max_queue_depth,
+        )
+    except Exception as exc:
         if idempotency_key is not None:
             release_claim(redis, scope, idempotency_key)  # a retry must be able to create the job
+        if isinstance(exc, QueueFullError):
+            raise _queue_full(redis, spec.name, settings) from exc
         raise
     request.app.state.metrics.accepted.labels(kind.value, spec.name).inc()
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return job_body(redis, job_id)
+
+
+def _queue_full(redis: Redis, model: str, settings: Settings) -> TooManyRequests:
+    """429 queue_full, with Retry-After from how fast the model's queue has been draining."""
+    rate = completions_per_s(redis, model, settings.job_ttl_s, DRAIN_WINDOW_S)
+    retry_after = math.ceil(1 / rate) if rate > 0 else UNKNOWN_DRAIN_RETRY_S
+    return TooManyRequests(
+        f"the queue of model {model} is full ({settings.max_queue_depth} jobs waiting); retry after "
+        "the Retry-After seconds, when the queue has drained",
+        "queue_full",
+        min(max(retry_after, 1), MAX_RETRY_AFTER_S),
+    )
 
 
 def _claim(
