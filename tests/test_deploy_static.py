@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 from redis import Redis
+from redis import exceptions as redis_exceptions
+from redis.connection import parse_url
 
 from dit_serve.catalog import WORKERS_KEY, publish_worker
 from dit_serve.config import Device, StorageBackend, get_settings
@@ -109,19 +111,33 @@ def compose_healthcheck(service: str) -> list[str]:
     return test[1:]
 
 
-INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+# What compose refuses to start without (`${VAR:?message}`), with stand-in values for the tests.
+REQUIRED_ENV = {"GRAFANA_ADMIN_PASSWORD": "grafana-test-password", "REDIS_PASSWORD": "redis-test-password"}
+
+INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
 
 def interpolate(value: object, env: dict[str, str]) -> str:
-    """Compose's ${VAR} / ${VAR:-default} substitution (enough for this file)."""
-    return INTERPOLATION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), str(value))
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} and $$ substitution (enough for this file)."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, word = match.groups()
+        if env.get(name):
+            return env[name]
+        if operator and operator.endswith("?"):
+            raise AssertionError(f"compose would refuse to start without {name}: {word}")
+        return word or ""
+
+    return INTERPOLATION.sub(substitute, str(value))
 
 
 def container_environment(service: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    """A service's environment as the container sees it, after interpolation from `env`."""
+    """A service's environment as the container sees it, after interpolation from REQUIRED_ENV and `env`."""
     environment = load_compose()["services"][service].get("environment", {})
     assert isinstance(environment, dict), f"{service}: use the mapping form of environment"
-    return {key: interpolate(value, env or {}) for key, value in environment.items()}
+    return {key: interpolate(value, {**REQUIRED_ENV, **(env or {})}) for key, value in environment.items()}
 
 
 def run_with_python(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -189,7 +205,7 @@ def test_api_and_worker_share_redis_and_outputs(service: str) -> None:
     compose = load_compose()
     spec = compose["services"][service]
     environment = container_environment(service)
-    assert environment["REDIS_URL"] == "redis://redis:6379/0"
+    assert environment["REDIS_URL"] == f"redis://:{REQUIRED_ENV['REDIS_PASSWORD']}@redis:6379/0"
     assert spec["depends_on"]["redis"]["condition"] == "service_healthy"
     volume = f"outputs:{environment['DIT_OUTPUT_DIR']}"
     assert volume in spec["volumes"], f"{service} does not mount the shared outputs volume at DIT_OUTPUT_DIR"
@@ -231,7 +247,7 @@ def test_compose_environment_gives_valid_settings(monkeypatch: pytest.MonkeyPatc
             for key, value in container_environment(service).items():
                 patch.setenv(key, value)
             settings = get_settings()
-            assert settings.redis_url == "redis://redis:6379/0"
+            assert settings.redis_url == f"redis://:{REQUIRED_ENV['REDIS_PASSWORD']}@redis:6379/0"
             assert settings.storage is StorageBackend.LOCAL
             assert isinstance(storage_from_settings(settings), LocalStorage)
             if service == "worker":
@@ -244,7 +260,9 @@ def test_compose_environment_switches_to_minio(monkeypatch: pytest.MonkeyPatch) 
     dotenv = {
         "DIT_STORAGE": "s3",
         "DIT_S3_ENDPOINT_URL": "http://minio:9000",
-        "AWS_ACCESS_KEY_ID": "minioadmin",
+        "MINIO_ROOT_USER": "dit",
+        "MINIO_ROOT_PASSWORD": "change-me-please",
+        "AWS_ACCESS_KEY_ID": "dit",
         "AWS_SECRET_ACCESS_KEY": "change-me-please",
     }
     for service in ("api", "worker"):
@@ -275,19 +293,41 @@ def _compose_validator() -> list[str]:
     pytest.skip(message)
 
 
-def test_docker_compose_config_is_valid() -> None:
+def compose_config(
+    env: dict[str, str], tmp_path: Path, *extra: str, file: Path = COMPOSE_FILE
+) -> subprocess.CompletedProcess[str]:
+    """`compose config -q` with only `env` (and PATH) set: a clean environment, and an empty --env-file
+    so that a developer's own `.env` next to the compose file cannot stand in for a missing variable."""
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    return subprocess.run(
+        [*_compose_validator(), "-f", str(file), "--env-file", str(env_file), *extra, "config", "-q"],
+        cwd=file.parent,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_docker_compose_config_is_valid(tmp_path: Path) -> None:
     """`config -q` validates the file against the compose schema (with and without the s3 profile)."""
-    compose = _compose_validator()
     for extra in ([], ["--profile", "s3"]):
-        result = subprocess.run(
-            [*compose, "-f", str(COMPOSE_FILE), *extra, "config", "-q"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = compose_config(REQUIRED_ENV, tmp_path, *extra)
         assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("missing", REQUIRED_ENV)
+def test_docker_compose_config_refuses_a_missing_secret(missing: str, tmp_path: Path) -> None:
+    """No password, no stack: compose fails, and its message names the variable to set."""
+    env = {name: value for name, value in REQUIRED_ENV.items() if name != missing}
+    for extra in ([], ["--profile", "s3"]):
+        result = compose_config(env, tmp_path, *extra)
+        assert result.returncode != 0, f"compose accepts a stack without {missing}"
+        assert f"set {missing}" in result.stderr + result.stdout, result.stderr
+    empty = compose_config({}, tmp_path)
+    assert empty.returncode != 0 and "PASSWORD" in empty.stderr + empty.stdout, empty.stderr
 
 
 def test_the_compose_validator_catches_a_misspelt_key(tmp_path: Path) -> None:
@@ -295,15 +335,176 @@ def test_the_compose_validator_catches_a_misspelt_key(tmp_path: Path) -> None:
     bad = load_compose()
     bad["services"]["api"]["helthcheck"] = bad["services"]["api"].pop("healthcheck")
     (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(bad))
-    result = subprocess.run(
-        [*_compose_validator(), "-f", str(tmp_path / "docker-compose.yml"), "config", "-q"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = compose_config(REQUIRED_ENV, tmp_path, file=tmp_path / "docker-compose.yml")
     assert result.returncode != 0 and "helthcheck" in result.stderr + result.stdout
+
+
+# --- hardening ------------------------------------------------------------------------------------
+
+# Services allowed a writable root file system, each with the reason (docker-compose.yml says it too).
+WRITABLE_ROOT = {
+    "minio": "the server creates ~/.minio/certs and the health check's mc ~/.mc; not tried read-only",
+}
+# Services that may publish a port on every interface; the rest publish on 127.0.0.1 only.
+PUBLIC_PORTS = {"api"}
+MINIO_CREDENTIALS = ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+
+
+def _on_path(tmp_path: Path, name: str, script: str) -> dict[str, str]:
+    """An environment whose PATH finds the shell script `name` (in tmp_path/bin) first."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text("#!/bin/sh\n" + script)
+    (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("service", sorted(load_compose()["services"]))
+def test_service_drops_capabilities_and_privilege_gain(service: str) -> None:
+    spec = load_compose()["services"][service]
+    assert spec.get("cap_drop") == ["ALL"], f"{service} keeps Linux capabilities"
+    assert "no-new-privileges:true" in spec.get("security_opt", []), f"{service} may gain privileges"
+    assert not spec.get("cap_add"), f"{service} adds capabilities back: say why, and test it"
+    assert not spec.get("privileged"), f"{service} is privileged"
+
+
+@pytest.mark.parametrize("service", sorted(load_compose()["services"]))
+def test_service_root_file_system_is_read_only(service: str) -> None:
+    spec = load_compose()["services"][service]
+    if service in WRITABLE_ROOT:
+        assert not spec.get("read_only"), f"{service} is read-only now: drop it from WRITABLE_ROOT"
+    else:
+        assert spec.get("read_only") is True, f"{service} has a writable root file system"
+    for mount in spec.get("tmpfs", []):
+        assert str(mount).startswith("/"), f"{service}: tmpfs {mount!r}"
+    assert set(WRITABLE_ROOT) <= set(load_compose()["services"])
+
+
+@pytest.mark.parametrize("service", sorted(load_compose()["services"]))
+def test_only_the_api_publishes_beyond_this_host(service: str) -> None:
+    if service in PUBLIC_PORTS:
+        return
+    for port in load_compose()["services"][service].get("ports", []):
+        published = interpolate(port, REQUIRED_ENV)
+        assert published.startswith("127.0.0.1:"), f"{service} publishes {published!r} on every interface"
+
+
+def test_grafana_needs_a_password_and_listens_on_this_host() -> None:
+    grafana = load_compose()["services"]["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert (
+        container_environment("grafana")["GF_SECURITY_ADMIN_PASSWORD"]
+        == REQUIRED_ENV["GRAFANA_ADMIN_PASSWORD"]
+    )
+    assert [interpolate(port, REQUIRED_ENV) for port in grafana["ports"]] == ["127.0.0.1:3000:3000"]
+
+
+def test_every_redis_url_carries_the_password() -> None:
+    text = COMPOSE_FILE.read_text()
+    urls = re.findall(r"redis://\S*", text)
+    assert urls, "no REDIS_URL in docker-compose.yml"
+    for url in urls:
+        assert url.startswith("redis://:${REDIS_PASSWORD:?"), f"{url} does not authenticate"
+    for service in ("api", "worker"):
+        parsed = parse_url(container_environment(service)["REDIS_URL"])
+        assert parsed["password"] == REQUIRED_ENV["REDIS_PASSWORD"], service
+    # The images' health checks take REDIS_URL from the environment (compose's, with the password).
+    for dockerfile in DOCKERFILES.values():
+        assert "redis://" not in " ".join(of(dockerfile, "HEALTHCHECK") + of(dockerfile, "ENV"))
+    assert "os.environ['REDIS_URL']" in " ".join(dockerfile_healthcheck(WORKER_DOCKERFILE))
+
+
+def test_redis_requires_the_password_and_caps_its_memory() -> None:
+    command = load_compose()["services"]["redis"]["command"]
+    assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    assert re.fullmatch(r"\$\{REDIS_MAXMEMORY:-\d+[kmg]b\}", command[command.index("--maxmemory") + 1])
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def test_redis_and_its_health_check_with_the_password(tmp_path: Path) -> None:
+    """Redis started with compose's command (on a free port) refuses clients without the password, and
+    the health check passes with the service's REDISCLI_AUTH only."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if not (server and cli):
+        pytest.fail("redis-server and redis-cli are needed (apt-get install redis-server)")
+    spec = load_compose()["services"]["redis"]
+    command = [interpolate(part, REQUIRED_ENV) for part in spec["command"]]
+    assert command[0] == "redis-server"
+    port = free_port()
+    process = subprocess.Popen(
+        [server, *command[1:], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = container_environment("api")["REDIS_URL"].replace("@redis:6379", f"@127.0.0.1:{port}")
+        client = Redis.from_url(url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis_exceptions.ConnectionError:
+                assert time.monotonic() < deadline and process.poll() is None, "redis did not start"
+                time.sleep(0.05)
+        assert int(client.config_get("maxmemory")["maxmemory"]) == 1024**3
+        with pytest.raises(redis_exceptions.AuthenticationError):
+            Redis(host="127.0.0.1", port=port).ping()
+
+        test = spec["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL"
+        env = {**os.environ, **_on_path(tmp_path, "redis-cli", f'exec {cli} -p {port} "$@"\n')}
+        env.pop("REDISCLI_AUTH", None)
+
+        def healthy(extra: dict[str, str]) -> bool:
+            run = subprocess.run(["sh", "-c", test[1]], env={**env, **extra}, timeout=10, check=False)
+            return run.returncode == 0
+
+        assert healthy(container_environment("redis"))
+        assert not healthy({}), "healthy without the password"
+        assert not healthy({"REDISCLI_AUTH": "wrong"}), "healthy with a wrong password"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_prometheus_has_no_lifecycle_or_admin_api() -> None:
+    command = " ".join(load_compose()["services"]["prometheus"]["command"])
+    assert "--web.enable-lifecycle" not in command
+    assert "--web.enable-admin-api" not in command
+
+
+def test_minio_has_no_default_credentials(tmp_path: Path) -> None:
+    """The entrypoint refuses to start MinIO without both credentials (MinIO itself would fall back to
+    minioadmin/minioadmin), and starts it with them."""
+    assert "minioadmin" not in yaml.safe_dump(load_compose()), "MinIO's default credentials"
+    minio = load_compose()["services"]["minio"]
+    for name in MINIO_CREDENTIALS:
+        assert container_environment("minio")[name] == "", f"{name} has a default"
+    entrypoint = [interpolate(part, REQUIRED_ENV) for part in minio["entrypoint"]]
+    assert entrypoint[:2] == ["/bin/sh", "-c"]
+    env = {**os.environ, **_on_path(tmp_path, "minio", 'echo "started $*"\n')}
+
+    def start(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        command = ["sh", *entrypoint[1:], *minio["command"]]
+        return subprocess.run(command, env={**env, **extra}, capture_output=True, text=True, check=False)
+
+    credentials = {"MINIO_ROOT_USER": "dit", "MINIO_ROOT_PASSWORD": "change-me-please"}
+    for missing in [*MINIO_CREDENTIALS, None]:
+        result = start(
+            {name: value for name, value in credentials.items() if name != missing} if missing else {}
+        )
+        assert result.returncode != 0 and "started" not in result.stdout, f"started without {missing}"
+        assert all(name in result.stderr for name in MINIO_CREDENTIALS), result.stderr
+    result = start(credentials)
+    assert result.returncode == 0 and result.stdout.strip() == "started " + " ".join(minio["command"])
+
+
+def test_the_deployment_docs_name_the_required_variables() -> None:
+    for doc in (ROOT / "docs" / "deployment.md", ROOT / "docker" / "README.md"):
+        text = doc.read_text()
+        for name in [*REQUIRED_ENV, *MINIO_CREDENTIALS, "REDIS_MAXMEMORY"]:
+            assert name in text, f"{doc.name} does not mention {name}"
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------
