@@ -11,6 +11,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
+BODY_TOO_LARGE = "body_too_large"
+REQUEST_ID_STATE = "request_id"  # where app.middleware.RequestID keeps a request's id (scope["state"])
+INTERNAL_ERROR_MESSAGE = (
+    "an unexpected error occurred; it was logged with this request_id. Retry, and if it keeps "
+    "happening report the request_id to the operator"
+)
+
 
 class APIError(Exception):
     """An error answered as {"error": {"code", "message"}} with `status`."""
@@ -55,8 +62,27 @@ class TooManyRequests(APIError):
         super().__init__(message, code, {"Retry-After": str(retry_after_s)})
 
 
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+def error_body(code: str, message: str, request_id: str | None = None) -> dict[str, dict[str, str]]:
+    error = {"code": code, "message": message}
+    if request_id:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id app.middleware.RequestID gave this request (None outside it)."""
+    return request.scope.get("state", {}).get(REQUEST_ID_STATE)
+
+
+def error_response(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The documented error shape; a 5xx also names the request id its log lines carry."""
+    request_id = request_id_of(request)
+    body = error_body(code, message, request_id if status >= 500 else None)
+    # The header too: the last-resort handler answers outside the RequestID middleware.
+    headers = {**(headers or {}), **({"X-Request-ID": request_id} if request_id else {})}
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def _describe(errors: list[dict]) -> str:
@@ -83,7 +109,7 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
     ) -> JSONResponse:
         if on_error:
             on_error(request, status, code)
-        return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+        return error_response(request, status, code, message, headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -101,7 +127,9 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: BODY_TOO_LARGE}.get(
+            exc.status_code, "http_error"
+        )
         return answer(request, exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(RedisError)
@@ -110,7 +138,15 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
         return answer(request, 503, "redis_unavailable", message)
 
     def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return answer(request, 500, "internal_error", f"{type(exc).__name__}: {exc}")
+        # The exception goes to the log only: its text can name hosts, buckets, paths or keys.
+        log.error(
+            "unexpected error answering %s %s (request %s)",
+            request.method,
+            request.url.path,
+            request_id_of(request),
+            exc_info=exc,
+        )
+        return answer(request, 500, "internal_error", INTERNAL_ERROR_MESSAGE)
 
     # Unexpected exceptions are answered by a middleware, inside the app: Starlette's handler for
     # Exception (ServerErrorMiddleware) sends its answer and then re-raises, and the server then
@@ -120,7 +156,6 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
         try:
             return await call_next(request)
         except Exception as exc:
-            log.exception("unexpected error answering %s %s", request.method, request.url.path)
             return internal_error(request, exc)
 
     # Last resort, for a failure in a middleware added after this one.

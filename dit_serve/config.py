@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     orphan_timeout_s: float = Field(300.0, gt=0)
     # How long finished, failed and canceled jobs (and their records) stay visible.
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # The API refuses a request body larger than this (413 body_too_large) without reading it all.
+    max_body_bytes: int = Field(64 * 1024, ge=1)
     log_level: str = "info"
 
 

@@ -206,6 +206,30 @@ INVALID_JOB = "invalid_job"  # a record this worker cannot read (damaged); a new
 NO_WORKER = "no_worker"  # failed by the reaper: no live worker has served its model for too long
 QUEUE_TIMEOUT = "queue_timeout"  # not started within the request's queue_timeout_s
 
+# What a client is told when a worker fails its job: a fixed message per code that says what to do.
+# Never the exception's text, the host, the worker or its pid: the worker logs those with the job id.
+SAMPLING_FAILED_ERROR = JobError(
+    code=SAMPLING_FAILED,
+    message=(
+        "sampling failed for this request; it was logged on the worker with the job id. Retry, or "
+        "change num_inference_steps/size if it keeps failing"
+    ),
+)
+STORAGE_FAILED_ERROR = JobError(
+    code=STORAGE_FAILED,
+    message=(
+        "the outputs were generated but could not be stored; it was logged on the worker with the "
+        "job id. Retry later; if it keeps failing, the operator should check the output storage"
+    ),
+)
+INVALID_JOB_ERROR = JobError(
+    code=INVALID_JOB,
+    message=(
+        "the worker could not read this job's stored request; it was logged on the worker with the "
+        "job id. Submit the request again"
+    ),
+)
+
 # An RQ job that failed without our error record was failed by RQ's abandoned-job cleanup.
 WORKER_LOST = JobError(
     code="worker_lost",

@@ -22,6 +22,7 @@ from redis import Redis
 
 from dit_serve.contract import ModelSpec
 from dit_serve.embedded_redis import EmbeddedRedis, free_port
+from dit_serve.jobs import SAMPLING_FAILED_ERROR
 
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.05
@@ -186,6 +187,9 @@ class Service:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=30)
 
+    def api_log(self) -> str:
+        return (self.tmp / "api.log").read_text(errors="replace")
+
     def worker_log(self) -> str:
         return "".join(path.read_text(errors="replace") for path in sorted(self.tmp.glob("worker*.log")))
 
@@ -225,15 +229,22 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout_s} s, wanted {statuses}")
 
 
-def sampling_fails_then_serves(client: httpx.Client, too_many: dict, steps_that_fit: int) -> dict:
-    """Post `too_many` (more steps than the model's schedule): it fails `sampling_failed` naming the
-    cause; the same request with `steps_that_fit` then completes. Returns the completed job."""
+def sampling_fails_then_serves(
+    service: Service, client: httpx.Client, too_many: dict, steps_that_fit: int
+) -> dict:
+    """Post `too_many` (more steps than the model's schedule): it fails `sampling_failed` with the fixed
+    message, the cause logged by the worker with the job id; the same request with `steps_that_fit`
+    then completes. Returns the completed job."""
     doomed = client.post("/v1/images", json=too_many)
     assert doomed.status_code == 202  # the API cannot know that the model's schedule is shorter
     failed = client.get(f"/v1/jobs/{doomed.json()['id']}", params={"wait": 60}).json()
     assert failed["status"] == "failed" and failed["outputs"] == [], failed
     assert failed["error"]["code"] == "sampling_failed"
-    assert "num_inference_steps" in failed["error"]["message"]  # the cause, not just "failed"
+    assert failed["error"]["message"] == SAMPLING_FAILED_ERROR.message  # what to do, no exception text
+    assert not any(name in failed["error"]["message"] for name in service.live_workers())
+    # the cause (diffusers refusing more steps than the schedule has) is in the worker's log, by job id
+    logged = [line for line in service.worker_log().splitlines() if failed["id"] in line]
+    assert logged and "num_inference_steps" in service.worker_log(), logged
     fits = client.post("/v1/images", json={**too_many, "num_inference_steps": steps_that_fit})
     done = client.get(f"/v1/jobs/{fits.json()['id']}", params={"wait": 60}).json()
     assert done["status"] == "completed", done

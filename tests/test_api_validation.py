@@ -4,18 +4,25 @@ Faults past the input (an output gone from storage, a job record the API cannot 
 same shape, and the API serves on.
 """
 
+import json
+import re
+from collections.abc import Iterator
+
 import pytest
 from redis import Redis
 
+from dit_serve.config import Settings
 from dit_serve.jobs import RecordField, record_key
 from tests.conftest import Service, metric, scrape, wait_for_status
 
 VALID = {"prompt": "red circle"}
+MAX_BODY_BYTES = Settings.model_fields["max_body_bytes"].default
 BAD_IMAGE_BODIES = {
     "missing prompt and labels": ({}, 422),
     "both prompt and labels": ({"prompt": "red circle", "class_labels": [1]}, 422),
     "empty prompt": ({"prompt": ""}, 422),
-    "100 kB prompt": ({"prompt": "x" * 100_000}, 422),
+    "40 kB prompt": ({"prompt": "x" * 40_000}, 422),
+    "100 kB body": ({"prompt": "x" * 100_000}, 413),
     "n=0": ({**VALID, "n": 0}, 422),
     "n=1000": ({**VALID, "n": 1000}, 422),
     "size 99999x99999": ({**VALID, "size": "99999x99999"}, 422),
@@ -52,7 +59,8 @@ def _assert_error_shape(response, status: int) -> dict:  # type: ignore[no-untyp
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message"}
+    # a 5xx also names the request id that the API's log lines about it carry
+    assert set(body["error"]) == ({"code", "message", "request_id"} if status >= 500 else {"code", "message"})
     assert body["error"]["code"] and body["error"]["message"]
     return body["error"]
 
@@ -158,11 +166,77 @@ def test_an_unexpected_fault_is_a_500_in_the_error_shape_and_the_api_serves_on(s
         # a record no API or worker code writes: reading it raises deep in the API
         Redis.from_url(service.redis_url).hset(record_key(job["id"]), RecordField.PROGRESS.value, "lots")
         for params in ({}, {"wait": 1}):  # on one keep-alive connection: the 500 must not drop it
-            error = _assert_error_shape(client.get(f"/v1/jobs/{job['id']}", params=params), 500)
-            assert error["code"] == "internal_error" and error["message"].startswith("ValueError: ")
+            sent = f"fault-{len(params)}"
+            response = client.get(f"/v1/jobs/{job['id']}", params=params, headers={"X-Request-ID": sent})
+            error = _assert_error_shape(response, 500)
+            assert error["request_id"] == sent
+            # no exception text for the client; the exception is in the API's log under the request id
+            assert error["code"] == "internal_error" and "ValueError" not in error["message"]
+            assert "lots" not in error["message"]
+            assert error["request_id"] == response.headers["x-request-id"]
+            logged = service.api_log().split(f"(request {error['request_id']})", 1)
+            assert len(logged) == 2 and "ValueError" in logged[1], service.api_log()[-2000:]
         # the process is still up and answers everything else as before
         assert client.get("/healthz").json() == {"status": "ok"}
         other = client.post("/v1/images", json={**VALID, "num_inference_steps": 2}).json()
         assert wait_for_status(client, other["id"], {"completed"})["progress"] == 100
     counted = scrape(f"{service.base_url}/metrics")
     assert metric(counted, "dit_http_requests_total", **route) == counted_before + 2
+
+
+def _chunks(total: int, chunk: int = 8192) -> Iterator[bytes]:
+    """A body of `total` bytes sent chunked (no Content-Length), in `chunk`-byte pieces."""
+    for start in range(0, total, chunk):
+        yield b" " * min(chunk, total - start)
+
+
+def test_a_body_over_the_limit_is_413_by_length_or_by_chunks_and_queues_nothing(service: Service) -> None:
+    before = _queued_state(service)
+    rejected = {"kind": "image", "reason": "body_too_large"}
+    counted_before = metric(scrape(f"{service.base_url}/metrics"), "dit_jobs_rejected_total", **rejected)
+    json_type = {"content-type": "application/json"}
+    with service.client() as client:
+        by_length = client.post("/v1/images", content=b" " * (MAX_BODY_BYTES + 1), headers=json_type)
+        assert _assert_error_shape(by_length, 413)["code"] == "body_too_large"
+        # chunked: no Content-Length, refused once the count passes the limit, not after 1 MB
+        by_chunks = client.post("/v1/images", content=_chunks(1 << 20), headers=json_type)
+        assert "content-length" not in by_chunks.request.headers
+        assert _assert_error_shape(by_chunks, 413)["code"] == "body_too_large"
+        assert str(MAX_BODY_BYTES) in by_chunks.json()["error"]["message"]
+        # the server serves on: a JSON body just under the limit is read (and judged on its content)
+        padded = json.dumps({"prompt": "red circle", "num_inference_steps": 2})
+        padded = padded[:-1] + " " * (MAX_BODY_BYTES - len(padded)) + "}"
+        assert len(padded.encode()) == MAX_BODY_BYTES
+        accepted = client.post("/v1/images", content=padded, headers=json_type)
+        assert accepted.status_code == 202, accepted.text
+        assert wait_for_status(client, accepted.json()["id"], {"completed"})["progress"] == 100
+        chunked_under = client.post("/v1/images", content=_chunks(MAX_BODY_BYTES), headers=json_type)
+        assert _assert_error_shape(chunked_under, 422)["code"] == "invalid_json"  # read whole: blank
+        assert client.get("/healthz").json() == {"status": "ok"}
+    jobs, queued = _queued_state(service)
+    assert (jobs, queued) == (before[0] + 2, before[1])  # only the one under the limit (dit: and rq: keys)
+    counted = metric(scrape(f"{service.base_url}/metrics"), "dit_jobs_rejected_total", **rejected)
+    assert counted == counted_before + 2
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("req-42.a_b:c", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("two words", False),
+        ("tab\there", False),
+        ("", False),
+    ],
+)
+def test_every_answer_carries_x_request_id(service: Service, sent: str, kept: bool) -> None:
+    with service.client() as client:
+        answers = [
+            client.get("/healthz", headers={"X-Request-ID": sent}),  # 2xx
+            client.get("/v1/jobs/doesnotexist", headers={"X-Request-ID": sent}),  # 4xx
+        ]
+    for response in answers:
+        request_id = response.headers["x-request-id"]
+        assert (request_id == sent) is kept
+        assert re.fullmatch(r"[A-Za-z0-9._~:+/=@-]{1,128}", request_id)

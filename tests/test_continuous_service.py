@@ -115,7 +115,7 @@ def test_a_job_whose_sampling_raises_fails_and_the_worker_serves_on(continuous_s
     before = scrape(continuous_service.worker_metrics)  # type: ignore[attr-defined]
     too_many = {"model": "short", "class_labels": [3], "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS + 1}
     with continuous_service.client() as client:  # the same worker goes on serving that model
-        sampling_fails_then_serves(client, too_many, SHORT_SCHEDULE_TIMESTEPS)
+        sampling_fails_then_serves(continuous_service, client, too_many, SHORT_SCHEDULE_TIMESTEPS)
     assert continuous_service.workers[0].poll() is None
     after = scrape(continuous_service.worker_metrics)  # type: ignore[attr-defined]
     sampling_failed = {"model": "short", "kind": "image", "status": "failed", "code": "sampling_failed"}

@@ -11,6 +11,7 @@ import pytest
 from redis import Redis
 
 from dit_serve.embedded_redis import free_port
+from dit_serve.jobs import STORAGE_FAILED_ERROR
 from tests.conftest import (
     SHORT_SCHEDULE_TIMESTEPS,
     Service,
@@ -193,7 +194,7 @@ def test_a_job_whose_sampling_raises_fails_with_sampling_failed(
         "num_inference_steps": SHORT_SCHEDULE_TIMESTEPS + 1,
     }
     with slow_service.client() as client:  # the worker goes on serving that model
-        done = sampling_fails_then_serves(client, too_many, SHORT_SCHEDULE_TIMESTEPS)
+        done = sampling_fails_then_serves(slow_service, client, too_many, SHORT_SCHEDULE_TIMESTEPS)
     assert len(done["outputs"]) == 2
     assert worker.poll() is None and "sampling failed for batch" in slow_service.worker_log()
     counted = scrape(f"http://127.0.0.1:{worker_metrics}/metrics")
@@ -250,7 +251,11 @@ def test_a_storage_failure_fails_the_job_with_a_clear_error(
             job = client.post("/v1/images", json={"prompt": "red circle", "num_inference_steps": 2}).json()
             failed = wait_for_status(client, job["id"], {"completed", "failed"})
             assert failed["status"] == "failed"
-            assert failed["error"]["code"] == "storage_failed" and "outputs" in failed["error"]["message"]
+            assert failed["error"] == STORAGE_FAILED_ERROR.model_dump()  # what to do, no OS error text
+            assert str(outputs) not in failed["error"]["message"]
+            # the cause is in the worker's log, with the job id
+            assert f"storing outputs of job {job['id']} failed" in svc.worker_log()
+            assert "NotADirectoryError" in svc.worker_log() or "FileExistsError" in svc.worker_log()
             counted = scrape(f"http://127.0.0.1:{worker_metrics}/metrics")
             image = {"model": "img", "kind": "image"}
             assert (

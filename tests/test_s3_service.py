@@ -6,6 +6,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from dit_serve.jobs import STORAGE_FAILED_ERROR
 from tests.conftest import REGION, Service, running_service, wait_for_status
 
 pytestmark = pytest.mark.slow
@@ -63,17 +64,24 @@ def test_a_bucket_gone_under_the_service_fails_jobs_and_reads_clearly(
         before = wait_for_status(client, client.post("/v1/images", json=quick).json()["id"], {"completed"})
         _delete_bucket(s3, SERVICE_BUCKET)
         try:
-            # the worker cannot store: the job fails, naming the cause
+            # the worker cannot store: the job fails with what to do; the cause goes to the worker's log
             job = client.post("/v1/images", json=quick).json()
             failed = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
             assert failed["status"] == "failed" and failed["outputs"] == [], failed
-            assert failed["error"]["code"] == "storage_failed"
-            assert "NoSuchBucket" in failed["error"]["message"]
-            # the API cannot read an output it has a record of: a 5xx in the error shape, not a 404
+            assert failed["error"] == STORAGE_FAILED_ERROR.model_dump()
+            assert "NoSuchBucket" not in failed["error"]["message"]
+            assert f"storing outputs of job {job['id']} failed" in s3_service.worker_log()
+            assert "NoSuchBucket" in s3_service.worker_log()
+            # the API cannot read an output it has a record of: a 5xx in the error shape, not a 404,
+            # with a request id and no exception text; the cause is in the API's log under that id
             response = client.get(before["outputs"][0]["url"])
             assert response.status_code == 500, response.text
-            assert set(response.json()) == {"error"} and response.json()["error"]["code"] == "internal_error"
-            assert "NoSuchBucket" in response.json()["error"]["message"]
+            error = response.json()["error"]
+            assert set(response.json()) == {"error"} and error["code"] == "internal_error"
+            assert "NoSuchBucket" not in error["message"] and SERVICE_BUCKET not in error["message"]
+            assert error["request_id"] == response.headers["x-request-id"]
+            assert f"(request {error['request_id']})" in s3_service.api_log()
+            assert "NoSuchBucket" in s3_service.api_log()
         finally:
             s3.create_bucket(Bucket=SERVICE_BUCKET)
         # both processes serve on once the bucket is back

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from dit_serve.jobs import SAMPLING_FAILED, JobError
+from dit_serve.jobs import SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import JobTicket
 from worker.continuous import RunningBatch
@@ -72,11 +72,15 @@ class ContinuousRun:
                 self._report_and_cancel()
                 self._finish_done_rows()
                 self._join()
-        except Exception as exc:
-            log.exception("sampling failed in continuous batch %s", self.compat)
-            message = f"sampling failed on worker {self.strategy.worker_name}: {exc}"
+        except Exception:
+            log.exception(
+                "sampling failed in continuous batch %s on worker %s, jobs %s",
+                self.compat,
+                self.strategy.worker_name,
+                ", ".join(self.jobs),
+            )
             for ticket in self.jobs.values():
-                self.ledger.fail(ticket, JobError(code=SAMPLING_FAILED, message=message))
+                self.ledger.fail(ticket, SAMPLING_FAILED_ERROR)
         finally:
             # Whatever happened, stop heartbeating these jobs: one not settled is reaped and requeued.
             self.ledger.release(list(self.jobs))

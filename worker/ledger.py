@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 from redis.exceptions import RedisError
 
-from dit_serve.jobs import STORAGE_FAILED, JobError
+from dit_serve.jobs import STORAGE_FAILED_ERROR, JobError
 from dit_serve.storage import Storage
 from worker.batching import JobTicket
 from worker.metrics import WorkerMetrics
@@ -74,9 +74,9 @@ class JobLedger:
         """Encode and store a job's outputs, then record it completed (or failed, if storing failed)."""
         try:
             outputs = store_outputs(self.storage, ticket, pixels, timer)
-        except Exception as exc:
+        except Exception:
             log.exception("storing outputs of job %s failed", ticket.job_id)
-            self.fail(ticket, JobError(code=STORAGE_FAILED, message=f"could not store the outputs: {exc}"))
+            self.fail(ticket, STORAGE_FAILED_ERROR)
             return
         if self.settle(partial(self.queue.complete, ticket, outputs)):
             self.metrics.ended(ticket, "completed", outputs=outputs)

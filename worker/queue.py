@@ -17,7 +17,7 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 
 from dit_serve.contract import SCHEMA_VERSION, JobRequest, JobSchemaError, too_new
 from dit_serve.jobs import (
-    INVALID_JOB,
+    INVALID_JOB_ERROR,
     JobError,
     OutputRecord,
     RecordField,
@@ -173,9 +173,7 @@ class JobQueue:
                 parsed = JobRequest.from_json(request or b"")
             except JobSchemaError as exc:
                 log.error("job %s cannot be read by this worker: %s", handle.job_id, exc)
-                self.fail(
-                    handle, JobError(code=INVALID_JOB, message=f"the job's record is unreadable: {exc}")
-                )
+                self.fail(handle, INVALID_JOB_ERROR)
                 continue
             tickets.append(JobTicket(handle.job_id, queue, execution, parsed, float(created_at or 0)))
         return tickets

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from redis.exceptions import RedisError
 
-from dit_serve.jobs import SAMPLING_FAILED, JobError
+from dit_serve.jobs import SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.ledger import JobLedger
@@ -65,13 +65,15 @@ class StaticBatching:
     def _finish(self, model: LoadedModel, batch: Batch) -> None:
         try:
             pixels, canceled = self._sample(model, batch)
-        except Exception as exc:
-            log.exception("sampling failed for batch %s", batch.compat)
-            error = JobError(
-                code=SAMPLING_FAILED, message=f"sampling failed on worker {self.worker_name}: {exc}"
+        except Exception:
+            log.exception(
+                "sampling failed for batch %s on worker %s, jobs %s",
+                batch.compat,
+                self.worker_name,
+                ", ".join(batch.jobs),
             )
             for ticket in batch.jobs.values():
-                self.ledger.fail(ticket, error)
+                self.ledger.fail(ticket, SAMPLING_FAILED_ERROR)
             return
         timer = self.metrics.timer(model.name, model.kind)
         for job_id, ticket in batch.jobs.items():
