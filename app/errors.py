@@ -17,6 +17,7 @@ class APIError(Exception):
 
     status = 500
     code = "internal_error"
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, code: str | None = None):
         super().__init__(message)
@@ -27,6 +28,11 @@ class APIError(Exception):
 
 class InvalidRequest(APIError):
     status, code = 422, "invalid_request"
+
+
+class Unauthorized(APIError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}  # RFC 6750: the scheme the client should use
 
 
 class UnsupportedMediaType(APIError):
@@ -68,14 +74,16 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
     runs middlewares added later outside those added earlier.
     """
 
-    def answer(request: Request, status: int, code: str, message: str) -> JSONResponse:
+    def answer(
+        request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
         if on_error:
             on_error(request, status, code)
-        return JSONResponse(error_body(code, message), status_code=status)
+        return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return answer(request, exc.status, exc.code, exc.message)
+        return answer(request, exc.status, exc.code, exc.message, exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

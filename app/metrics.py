@@ -52,6 +52,7 @@ REJECTION_REASONS = (
     "unknown_label",
     "no_model",
     "redis_unavailable",
+    "unauthorized",
 )
 # What a cancel that took did (dit_serve.queueing.cancel_job), and what the reaper did with a lost job.
 CANCEL_OUTCOMES = ("canceled", "cancel_requested")

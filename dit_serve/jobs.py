@@ -62,6 +62,7 @@ class RecordField(StrEnum):
     EXECUTION = "execution"  # id of the batch run that holds the job now
     WORKER = "worker"
     ATTEMPTS = "attempts"
+    OWNER = "owner"  # name of the API key that created the job; absent when auth was off
 
 
 def record_key(job_id: str) -> str:
@@ -128,6 +129,7 @@ class JobRecord(BaseModel):
     execution: str | None = None
     worker: str | None = None
     attempts: int = 0
+    owner: str | None = None  # the creating API key's name; None when auth is off
 
     @property
     def kind(self) -> JobKind:
@@ -138,12 +140,14 @@ class JobRecord(BaseModel):
         return self.request.model
 
     @classmethod
-    def new(cls, request: JobRequest) -> "JobRecord":
-        return cls(schema_version=request.schema_version, request=request, created_at=time.time())
+    def new(cls, request: JobRequest, owner: str | None = None) -> "JobRecord":
+        return cls(
+            schema_version=request.schema_version, request=request, created_at=time.time(), owner=owner
+        )
 
     def creation_fields(self) -> dict[str, str]:
         """The hash fields the API writes when it accepts the job."""
-        return {
+        fields: dict[str, str] = {
             RecordField.SCHEMA_VERSION: str(self.schema_version),
             RecordField.KIND: self.kind.value,
             RecordField.MODEL: self.model,
@@ -153,6 +157,9 @@ class JobRecord(BaseModel):
             RecordField.CREATED_AT: repr(self.created_at),
             RecordField.PROGRESS: "0",
         }
+        if self.owner is not None:
+            fields[RecordField.OWNER] = self.owner
+        return fields
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> "JobRecord":
@@ -180,6 +187,7 @@ class JobRecord(BaseModel):
             execution=fields.get(RecordField.EXECUTION),
             worker=fields.get(RecordField.WORKER),
             attempts=int(fields.get(RecordField.ATTEMPTS) or 0),
+            owner=fields.get(RecordField.OWNER),
         )
 
 

@@ -14,6 +14,7 @@ from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
 
 from dit_serve.catalog import served_until
+from dit_serve.job_index import index_job
 from dit_serve.jobs import (
     KEY_PREFIX,
     NO_WORKER,
@@ -92,7 +93,10 @@ def enqueue_job(redis: Redis, job_id: str, record: JobRecord, *, retries: int, t
     """Write the job's record, then put it on its model's RQ queue and wake one idle worker."""
     model = record.model
     name = queue_name(model)
-    redis.hset(record_key(job_id), mapping=record.creation_fields())  # type: ignore[arg-type]
+    with redis.pipeline() as pipe:
+        pipe.hset(record_key(job_id), mapping=record.creation_fields())  # type: ignore[arg-type]
+        index_job(pipe, job_id, record, ttl_s)
+        pipe.execute()
     Queue(name, connection=redis).enqueue(
         TASK_FUNCTION,
         job_id,
