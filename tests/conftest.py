@@ -43,6 +43,7 @@ PROCESS_FIXTURES = frozenset(
         "slow_service",
         "observed",
         "moto_endpoint",
+        "auth_service",
     }
 )
 
