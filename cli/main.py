@@ -188,6 +188,10 @@ def run_api(settings: Settings) -> None:
 
     from app.main import create_app
 
+    if settings.auth == AuthMode.ON:
+        logging.getLogger(__name__).info(
+            "auth is on: clients need an API key (`dit-serve keys create NAME --redis-url URL`)"
+        )
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
     )
