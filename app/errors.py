@@ -24,6 +24,7 @@ class APIError(Exception):
 
     status = 500
     code = "internal_error"
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -35,6 +36,11 @@ class APIError(Exception):
 
 class InvalidRequest(APIError):
     status, code = 422, "invalid_request"
+
+
+class Unauthorized(APIError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}  # RFC 6750: the scheme the client should use
 
 
 class UnsupportedMediaType(APIError):

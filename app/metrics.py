@@ -58,6 +58,7 @@ REJECTION_REASONS = (
     "idempotency_key_reused",
     "invalid_idempotency_key",
     "body_too_large",
+    "unauthorized",
 )
 # What a cancel that took did (dit_serve.queueing.cancel_job), and what the reaper did with a lost job.
 CANCEL_OUTCOMES = ("canceled", "cancel_requested")

@@ -105,3 +105,12 @@ class JobBody(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelSpec]
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first; pass `last_id` as `after` for the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[JobBody]
+    has_more: bool
+    last_id: str | None = Field(description="the cursor for the next page: pass it as `after`")

@@ -2,10 +2,19 @@
 
 from redis import Redis
 
+from app.auth import Caller
 from app.errors import NotFound, ServiceUnavailable
 from app.schemas import JobBody, OutputBody
 from dit_serve.contract import JobTooNewError
-from dit_serve.jobs import STATUS_FROM_RQ, WORKER_LOST, JobRecord, JobStatus, record_key, rq_job_key
+from dit_serve.jobs import (
+    STATUS_FROM_RQ,
+    WORKER_LOST,
+    JobRecord,
+    JobStatus,
+    RecordField,
+    record_key,
+    rq_job_key,
+)
 from dit_serve.queueing import queue_position
 
 RQ_STATUS_FIELD = "status"
@@ -16,14 +25,18 @@ def output_url(job_id: str, index: int) -> str:
     return f"/v1/jobs/{job_id}/outputs/{index}"
 
 
-def read_record(redis: Redis, job_id: str) -> tuple[JobRecord, JobStatus]:
-    """The job's typed record and its status; NotFound when either is gone."""
+def read_record(redis: Redis, job_id: str, caller: Caller | None = None) -> tuple[JobRecord, JobStatus]:
+    """The job's typed record and its status; NotFound when either is gone, or when `caller` (if given)
+    may not see the job: the same answer as for a missing job, so ids cannot be probed."""
     with redis.pipeline() as pipe:
         pipe.hgetall(record_key(job_id))
         pipe.hget(rq_job_key(job_id), RQ_STATUS_FIELD)
         raw, rq_status = pipe.execute()
+    missing = NotFound(f"no job {job_id}; jobs are kept for a limited time after they end", "job_not_found")
     if not raw or rq_status is None:
-        raise NotFound(f"no job {job_id}; jobs are kept for a limited time after they end", "job_not_found")
+        raise missing
+    if caller is not None and not caller.sees(_owner(raw)):
+        raise missing
     try:
         record = JobRecord.from_hash(raw)
     except JobTooNewError as exc:  # a newer API replica wrote it, mid rolling upgrade
@@ -31,16 +44,22 @@ def read_record(redis: Redis, job_id: str) -> tuple[JobRecord, JobStatus]:
     return record, STATUS_FROM_RQ.get(rq_status.decode(), JobStatus.QUEUED)
 
 
+def _owner(raw: dict[bytes, bytes]) -> str | None:
+    owner = raw.get(RecordField.OWNER.value.encode())
+    return owner.decode() if owner is not None else None
+
+
 def _time(value: float | None) -> float | None:
     return round(value, TIME_DECIMALS) if value else None
 
 
-def job_body(redis: Redis, job_id: str) -> JobBody:
-    record, status = read_record(redis, job_id)
+def job_body(redis: Redis, job_id: str, caller: Caller | None = None) -> JobBody:
+    """The API's job object; NotFound when the job is gone or `caller` may not see it."""
+    record, status = read_record(redis, job_id, caller)
     position = queue_position(redis, record.model, job_id) if status is JobStatus.QUEUED else None
     if status is JobStatus.QUEUED and position is None:
         # A worker took the job between the two reads: read it again, now that it has started.
-        record, status = read_record(redis, job_id)
+        record, status = read_record(redis, job_id, caller)
     error = record.error
     if status is JobStatus.FAILED and error is None:
         error = WORKER_LOST
@@ -66,9 +85,9 @@ def job_body(redis: Redis, job_id: str) -> JobBody:
     )
 
 
-def stored_output(redis: Redis, job_id: str, index: int) -> tuple[str, str]:
+def stored_output(redis: Redis, job_id: str, index: int, caller: Caller) -> tuple[str, str]:
     """The storage key and content type of output `index` of a completed job."""
-    record, _ = read_record(redis, job_id)
+    record, _ = read_record(redis, job_id, caller)
     if not 0 <= index < len(record.outputs):
         raise NotFound(
             f"job {job_id} has {len(record.outputs)} outputs; no output {index}", "output_not_found"

@@ -181,6 +181,7 @@ class ServiceUnderTest:
             "DIT_BATCHING": settings.batching,
             "DIT_LOG_LEVEL": "warning",
             "DIT_METRICS_PORT": "0",  # no port to collide with a service running beside the benchmark
+            "DIT_AUTH": "off",  # the benchmark measures serving, not API keys
             **(env or {}),
         }
         self.processes: list[subprocess.Popen[bytes]] = []

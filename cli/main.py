@@ -1,4 +1,4 @@
-"""The `dit-serve` command: up (everything in one command), api, worker."""
+"""The `dit-serve` command: up (everything in one command), api, worker, keys, train, eval."""
 
 import argparse
 import json
@@ -10,7 +10,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from dit_serve.config import Settings, get_settings
+from cli.keys import add_keys_parser, run_keys
+from dit_serve.config import AuthMode, Settings, auth_default, get_settings
 
 WORKER_STOP_TIMEOUT_S = 30.0  # how long `up` lets its worker finish its batch before killing it
 
@@ -18,6 +19,12 @@ WORKER_STOP_TIMEOUT_S = 30.0  # how long `up` lets its worker finish its batch b
 COMMON_FLAGS = [
     ("--host", "host", "address the API listens on (DIT_HOST, default 127.0.0.1)"),
     ("--port", "port", "port of the API (DIT_PORT, default 8000)"),
+    (
+        "--auth",
+        "auth",
+        "on: /v1 routes need an API key (`dit-serve keys create`); off: none (DIT_AUTH; default on, "
+        "except off for `up` on 127.0.0.1, ::1 or localhost)",
+    ),
     ("--redis-url", "redis_url", "Redis URL (REDIS_URL); `up` starts an embedded Redis when absent"),
     (
         "--output-dir",
@@ -91,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="NAME=SOURCE",
             help="serve a pipeline directory or hub id as NAME (repeatable; DIT_MODELS as a JSON list)",
         )
+    add_keys_parser(commands)
     train = commands.add_parser(
         "train", help="retrain a bundled model from its fixed-seed recipe (CPU: minutes)"
     )
@@ -186,6 +194,10 @@ def run_api(settings: Settings) -> None:
 
     from app.main import create_app
 
+    if settings.auth == AuthMode.ON:
+        logging.getLogger(__name__).info(
+            "auth is on: clients need an API key (`dit-serve keys create NAME --redis-url URL`)"
+        )
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
     )
@@ -241,6 +253,13 @@ def run_up(settings: Settings) -> None:
     try:
         settings = _with_worker_metrics(settings)
         assert settings.redis_url
+        if settings.auth == AuthMode.ON:
+            log.warning(
+                "auth is on (%s is not a loopback address, or --auth on): clients need an API key; "
+                "create one with `dit-serve keys create NAME --redis-url %s`",
+                settings.host,
+                settings.redis_url,
+            )
         level = settings.log_level.lower()
         api = uvicorn.Server(
             uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=level)
@@ -275,7 +294,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         _setup_logging("info")
         run_train(args) if args.command == "train" else run_evaluation(args)
         return
+    if args.command == "keys":
+        run_keys(args, args.redis_url or get_settings().redis_url)
+        return
     settings = _settings(args)
+    if settings.auth is None:  # neither --auth nor DIT_AUTH: the command's default
+        settings = settings.model_copy(update={"auth": auth_default(args.command, settings.host)})
     _setup_logging(settings.log_level)
     if args.command == "api":
         run_api(settings)

@@ -42,12 +42,31 @@ class StorageBackend(StrEnum):
     S3 = "s3"
 
 
+class AuthMode(StrEnum):
+    ON = "on"  # every /v1 route needs `Authorization: Bearer <key>` (keys: `dit-serve keys create`)
+    OFF = "off"  # no keys; every client sees every job
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS
+
+
+def auth_default(command: str, host: str) -> AuthMode:
+    """Auth when neither --auth nor DIT_AUTH says: off only for `dit-serve up` on a loopback address."""
+    return AuthMode.OFF if command == "up" and is_loopback(host) else AuthMode.ON
+
+
 class Settings(BaseSettings):
     """Configuration for the API, the workers and `dit-serve up`; env names are DIT_<FIELD>."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     host: str = "127.0.0.1"
+    # None: the command's default (see auth_default); the API itself treats None as on.
+    auth: AuthMode | None = None
     port: int = Field(8000, ge=0, le=65535)
     # REDIS_URL is the name every Redis tool knows; DIT_REDIS_URL also works.
     redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "DIT_REDIS_URL"))

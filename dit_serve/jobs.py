@@ -63,6 +63,7 @@ class RecordField(StrEnum):
     WORKER = "worker"
     ATTEMPTS = "attempts"
     DEADLINE = "deadline"  # unix time by which the job must have started (queue_timeout_s), if any
+    OWNER = "owner"  # name of the API key that created the job; absent when auth was off
 
 
 def record_key(job_id: str) -> str:
@@ -129,6 +130,7 @@ class JobRecord(BaseModel):
     execution: str | None = None
     worker: str | None = None
     attempts: int = 0
+    owner: str | None = None  # the creating API key's name; None when auth is off
 
     @property
     def kind(self) -> JobKind:
@@ -145,13 +147,14 @@ class JobRecord(BaseModel):
         return self.created_at + timeout if timeout is not None else None
 
     @classmethod
-    def new(cls, request: JobRequest) -> "JobRecord":
-        return cls(schema_version=request.schema_version, request=request, created_at=time.time())
+    def new(cls, request: JobRequest, owner: str | None = None) -> "JobRecord":
+        return cls(
+            schema_version=request.schema_version, request=request, created_at=time.time(), owner=owner
+        )
 
     def creation_fields(self) -> dict[str, str]:
         """The hash fields the API writes when it accepts the job."""
-        deadline = {RecordField.DEADLINE.value: repr(self.deadline)} if self.deadline is not None else {}
-        return deadline | {
+        fields: dict[str, str] = {
             RecordField.SCHEMA_VERSION: str(self.schema_version),
             RecordField.KIND: self.kind.value,
             RecordField.MODEL: self.model,
@@ -161,6 +164,11 @@ class JobRecord(BaseModel):
             RecordField.CREATED_AT: repr(self.created_at),
             RecordField.PROGRESS: "0",
         }
+        if self.owner is not None:
+            fields[RecordField.OWNER] = self.owner
+        if self.deadline is not None:
+            fields[RecordField.DEADLINE] = repr(self.deadline)
+        return fields
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> "JobRecord":
@@ -188,6 +196,7 @@ class JobRecord(BaseModel):
             execution=fields.get(RecordField.EXECUTION),
             worker=fields.get(RecordField.WORKER),
             attempts=int(fields.get(RecordField.ATTEMPTS) or 0),
+            owner=fields.get(RecordField.OWNER),
         )
 
 

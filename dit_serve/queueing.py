@@ -15,6 +15,7 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 
 from dit_serve.catalog import served_until
 from dit_serve.contract import JobRequest
+from dit_serve.job_index import index_job
 from dit_serve.jobs import (
     KEY_PREFIX,
     NO_WORKER,
@@ -117,7 +118,10 @@ def enqueue_job(
     """
     model = record.model
     name = queue_name(model)
-    redis.hset(record_key(job_id), mapping=record.creation_fields())  # type: ignore[arg-type]
+    with redis.pipeline() as pipe:
+        pipe.hset(record_key(job_id), mapping=record.creation_fields())  # type: ignore[arg-type]
+        index_job(pipe, job_id, record, ttl_s)
+        pipe.execute()
     Queue(name, connection=redis).enqueue(
         TASK_FUNCTION,
         job_id,

@@ -45,6 +45,7 @@ PROCESS_FIXTURES = frozenset(
         "slow_service",
         "observed",
         "moto_endpoint",
+        "auth_service",
     }
 )
 
@@ -148,6 +149,7 @@ class Service:
             DIT_DEFAULT_MODEL="img",
             DIT_LOG_LEVEL="info",
             DIT_METRICS_PORT="0",  # several workers at once: a test that scrapes one gives it a port
+            DIT_AUTH="off",  # tests of API keys turn it on (tests/test_auth.py)
         )
         env.update(self.env_overrides)
         env.update(extra)

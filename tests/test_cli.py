@@ -278,7 +278,12 @@ def test_supervisor_gives_up_after_quick_consecutive_failures(
 
 def test_api_answers_503_with_the_error_shape_when_redis_is_down(tmp_path: Path) -> None:
     port = free_port()
-    env = {**_clean_env(), "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "DIT_OUTPUT_DIR": str(tmp_path)}
+    env = {
+        **_clean_env(),
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "DIT_OUTPUT_DIR": str(tmp_path),
+        "DIT_AUTH": "off",
+    }
     api = subprocess.Popen(
         [sys.executable, "-m", "cli", "api", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

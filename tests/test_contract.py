@@ -136,7 +136,7 @@ from worker.queue import JobQueue
 redis_url, spec, out_dir = sys.argv[1], ModelSpec.model_validate_json(sys.argv[2]), sys.argv[3]
 redis = Redis.from_url(redis_url)
 publish_worker(redis, "w", [spec], 60)
-with TestClient(create_app(Settings(redis_url=redis_url, output_dir=out_dir))) as client:
+with TestClient(create_app(Settings(redis_url=redis_url, output_dir=out_dir, auth="off"))) as client:
     body = {"prompt": "red circle", "dummy_field": "hello"}
     response = client.post("/v1/images", json=body)
     assert response.status_code == 202, response.text
@@ -204,7 +204,7 @@ def test_the_api_answers_503_for_a_job_of_a_newer_schema(
 
     enqueue_job(redis, "new", JobRecord.new(_request()), retries=0, ttl_s=TTL_S)
     redis.hset(record_key("new"), RecordField.SCHEMA_VERSION, SCHEMA_VERSION + 1)
-    with TestClient(create_app(Settings(redis_url=redis_url, output_dir=tmp_path))) as client:
+    with TestClient(create_app(Settings(redis_url=redis_url, output_dir=tmp_path, auth="off"))) as client:
         response = client.get("/v1/jobs/new")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "job_schema_too_new"

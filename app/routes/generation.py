@@ -1,4 +1,8 @@
-"""POST /v1/images and POST /v1/videos: validate, normalise, enqueue, answer 202 with the job."""
+"""POST /v1/images and POST /v1/videos: validate, normalise, enqueue, answer 202 with the job.
+
+The caller's key is checked first (a request without a valid key learns nothing else), and its name
+is stored as the job's owner.
+"""
 
 import math
 import time
@@ -6,6 +10,7 @@ import time
 from fastapi import APIRouter, Depends, Request, Response, status
 from redis import Redis
 
+from app.auth import Caller, CallerDep, get_caller
 from app.deps import RedisDep, SettingsDep, require_json
 from app.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from app.schemas import ImageRequest, JobBody, VideoRequest
@@ -20,6 +25,7 @@ from dit_serve.jobs import JobRecord
 from dit_serve.queueing import QueueFullError, completions_per_s, enqueue_job
 
 router = APIRouter(prefix="/v1", tags=["generation"])
+CHECKS = [Depends(get_caller), Depends(require_json)]  # in this order: the key before anything else
 
 
 REPLAY_WAIT_S = 5.0  # how long a duplicate waits for the first request to finish creating the job
@@ -36,11 +42,12 @@ def _submit(
     redis: Redis,
     settings: Settings,
     response: Response,
+    caller: Caller,
 ) -> JobBody:
     spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
-    job_id, record = new_job_id(), JobRecord.new(normalise(body, kind, spec))
+    job_id, record = new_job_id(), JobRecord.new(normalise(body, kind, spec), owner=caller.name)
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
-    scope = ""  # the caller; one scope while requests carry no API key
+    scope = caller.name or ""  # keys are per API key ("" with auth off)
     if idempotency_key is not None:
         claimed = _claim(redis, scope, idempotency_key, request.url.path, body, job_id)
         if claimed.outcome is not ClaimOutcome.NEW:
@@ -112,17 +119,27 @@ def _replayed(redis: Redis, job_id: str) -> JobBody:
             time.sleep(REPLAY_POLL_S)
 
 
-@router.post("/images", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(require_json)])
+@router.post("/images", status_code=status.HTTP_202_ACCEPTED, dependencies=CHECKS)
 def create_image(
-    request: Request, body: ImageRequest, redis: RedisDep, settings: SettingsDep, response: Response
+    request: Request,
+    body: ImageRequest,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+    caller: CallerDep,
 ) -> JobBody:
     """Queue an image generation job."""
-    return _submit(request, body, JobKind.IMAGE, redis, settings, response)
+    return _submit(request, body, JobKind.IMAGE, redis, settings, response, caller)
 
 
-@router.post("/videos", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(require_json)])
+@router.post("/videos", status_code=status.HTTP_202_ACCEPTED, dependencies=CHECKS)
 def create_video(
-    request: Request, body: VideoRequest, redis: RedisDep, settings: SettingsDep, response: Response
+    request: Request,
+    body: VideoRequest,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+    caller: CallerDep,
 ) -> JobBody:
     """Queue a video generation job."""
-    return _submit(request, body, JobKind.VIDEO, redis, settings, response)
+    return _submit(request, body, JobKind.VIDEO, redis, settings, response, caller)

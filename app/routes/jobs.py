@@ -1,20 +1,64 @@
-"""GET /v1/jobs/{id}, GET /v1/jobs/{id}/outputs/{index}, DELETE /v1/jobs/{id}."""
+"""GET /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/outputs/{index}, DELETE /v1/jobs/{id}.
+
+A caller sees only the jobs its API key created (admins: every job); anyone else's is a 404, the same
+answer as for a missing job.
+"""
 
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from app.auth import CallerDep
 from app.deps import RedisDep, SettingsDep, StorageDep
-from app.errors import Conflict, NotFound
-from app.schemas import JobBody
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.schemas import JobBody, JobList
 from app.views import job_body, read_record, stored_output
-from dit_serve.jobs import ENDED_STATUSES, ended_key
+from dit_serve.job_index import UnknownCursorError, forget, index_key, newest_ids
+from dit_serve.jobs import ENDED_STATUSES, JobStatus, ended_key
 from dit_serve.queueing import cancel_job
 from dit_serve.storage import OutputNotFoundError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+DEFAULT_PAGE, MAX_PAGE = 20, 100
+StatusName = Literal["queued", "in_progress", "completed", "failed", "canceled"]
+
+
+@router.get("")
+def list_jobs(
+    redis: RedisDep,
+    caller: CallerDep,
+    status: Annotated[StatusName | None, Query(description="only jobs in this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="jobs per page")] = DEFAULT_PAGE,
+    after: Annotated[str | None, Query(description="`last_id` of the previous page")] = None,
+) -> JobList:
+    """The caller's jobs (an admin's: every job), newest first, a page at a time."""
+    key = index_key(caller.listed_owner)
+    found: list[JobBody] = []
+    expired: list[str] = []
+    has_more = False
+    try:
+        for job_id in newest_ids(redis, key, after):
+            try:
+                body = job_body(redis, job_id, caller)
+            except NotFound:
+                expired.append(job_id)
+                continue
+            if status is not None and body.status != JobStatus(status):
+                continue
+            if len(found) == limit:
+                has_more = True
+                break
+            found.append(body)
+    except UnknownCursorError as exc:
+        raise InvalidRequest(
+            f"after: no job {after} in this listing (it may have expired)", "invalid_cursor"
+        ) from exc
+    for job_id in expired:  # after the scan: removing entries during it would shift its offsets
+        forget(redis, key, job_id)
+    return JobList(data=found, has_more=has_more, last_id=found[-1].id if found else None)
 
 
 MAX_WAIT_S = 60.0
@@ -26,6 +70,7 @@ async def get_job(
     job_id: str,
     request: Request,
     redis: RedisDep,
+    caller: CallerDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the job to end")] = 0,
 ) -> JobBody:
     """A job's status, progress and outputs; with `wait`, answered once it ends or `wait` s pass.
@@ -33,19 +78,19 @@ async def get_job(
     Workers and the API push to the job's `ended` list when it ends, so a waiting request wakes at
     once; BLMOVE from the list to itself leaves the entry for every other waiter.
     """
-    body = await run_in_threadpool(job_body, redis, job_id)
+    body = await run_in_threadpool(job_body, redis, job_id, caller)
     deadline = time.monotonic() + wait
     while body.status not in ENDED_STATUSES and (remaining := deadline - time.monotonic()) > 0:
         key = ended_key(job_id)
         await request.app.state.waits.blmove(key, key, min(remaining, WAIT_SLICE_S), "RIGHT", "LEFT")
-        body = await run_in_threadpool(job_body, redis, job_id)
+        body = await run_in_threadpool(job_body, redis, job_id, caller)
     return body
 
 
 @router.get("/{job_id}/outputs/{index}")
-def get_output(job_id: str, index: int, redis: RedisDep, storage: StorageDep) -> Response:
+def get_output(job_id: str, index: int, redis: RedisDep, storage: StorageDep, caller: CallerDep) -> Response:
     """The bytes of one output, with its content type."""
-    key, content_type = stored_output(redis, job_id, index)
+    key, content_type = stored_output(redis, job_id, index, caller)
     try:
         data = storage.get(key)
     except OutputNotFoundError as exc:
@@ -55,10 +100,15 @@ def get_output(job_id: str, index: int, redis: RedisDep, storage: StorageDep) ->
 
 @router.delete("/{job_id}")
 def cancel(
-    job_id: str, request: Request, redis: RedisDep, settings: SettingsDep, response: Response
+    job_id: str,
+    request: Request,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+    caller: CallerDep,
 ) -> JobBody:
     """Cancel a job: a queued one at once (200), a running one at its next denoising step (202)."""
-    record, _ = read_record(redis, job_id)
+    record, _ = read_record(redis, job_id, caller)
     model = record.model
     outcome = cancel_job(redis, job_id, model, settings.job_ttl_s)
     if outcome == "missing":

@@ -3,6 +3,7 @@
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.auth import CallerDep
 from app.deps import RedisDep
 from app.errors import ServiceUnavailable
 from app.schemas import ModelList
@@ -12,7 +13,7 @@ router = APIRouter(tags=["system"])
 
 
 @router.get("/v1/models")
-def list_models(redis: RedisDep) -> ModelList:
+def list_models(redis: RedisDep, _caller: CallerDep) -> ModelList:
     """Every model a live worker serves, each described by its ModelSpec as the worker published it."""
     specs = served_models(redis)
     return ModelList(data=[specs[name] for name in sorted(specs)])
