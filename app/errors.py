@@ -29,7 +29,7 @@ class APIError(Exception):
     def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.headers = {**type(self).headers, **(headers or {})}  # a class's own headers, and these
         if code:
             self.code = code
 

@@ -173,9 +173,12 @@ def test_without_a_live_worker_the_api_is_alive_but_not_ready(slow_service: Serv
     with slow_service.client() as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503
-        assert ready.json() == {
-            "error": {"code": "no_worker", "message": "no live worker: start one with `dit-serve worker`"}
-        }
+        error = ready.json()["error"]
+        assert (error["code"], error["message"]) == (
+            "no_worker",
+            "no live worker: start one with `dit-serve worker`",
+        )
+        assert error["request_id"] == ready.headers["X-Request-ID"]  # a 5xx names its request
         assert client.get("/healthz").status_code == 200
         assert client.get("/v1/models").json()["data"] == []
 
