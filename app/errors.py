@@ -140,7 +140,9 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
 
     @app.exception_handler(RedisError)
     async def redis_error(request: Request, exc: RedisError) -> JSONResponse:
-        message = f"the job store (Redis) is unreachable: {exc}; retry later"
+        # The cause (with Redis' address) goes to the log under the request id, not to the client.
+        log.warning("redis unavailable (request %s): %s", request_id_of(request), exc)
+        message = "the job store (Redis) is unreachable; retry later"
         return answer(request, 503, "redis_unavailable", message)
 
     def internal_error(request: Request, exc: Exception) -> JSONResponse:

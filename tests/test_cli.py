@@ -306,7 +306,10 @@ def test_api_answers_503_with_the_error_shape_when_redis_is_down(tmp_path: Path)
         ]:
             response = httpx.request(method, f"{base}{path}", json=body, timeout=30)
             assert response.status_code == 503, (path, response.text)
-            assert response.json()["error"]["code"] == "redis_unavailable"
+            error = response.json()["error"]
+            assert error["code"] == "redis_unavailable"
+            assert error["request_id"] == response.headers["X-Request-ID"]  # a 5xx names its request
+            assert "127.0.0.1" not in error["message"] and "Error" not in error["message"]  # no cause text
         # /metrics still answers, so the outage shows on the dashboards; the cluster series, which
         # come from Redis, are left out rather than reported wrong.
         metrics = httpx.get(f"{base}/metrics", timeout=30)
