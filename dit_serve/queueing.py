@@ -239,8 +239,7 @@ def fail_expired_jobs(redis: Redis, ttl_s: int) -> int:
     failed = 0
     for raw_id in due:
         job_id = raw_id.decode()
-        model = redis.hget(record_key(job_id), RecordField.MODEL)
-        request = redis.hget(record_key(job_id), RecordField.REQUEST)
+        model, request = redis.hmget(record_key(job_id), [RecordField.MODEL, RecordField.REQUEST])  # type: ignore[misc]
         if model is not None and request is not None:
             timeout = JobRequest.model_validate_json(request).queue_timeout_s  # type: ignore[arg-type]
             error = queue_timeout_error(timeout)

@@ -6,9 +6,10 @@ from redis import Redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from dit_serve.contract import JobKind, JobRequest, OutputFormat
+from dit_serve.contract import JobRequest
 from dit_serve.jobs import JobError, JobRecord, OutputRecord, queue_name, record_key
 from dit_serve.queueing import cancel_job, enqueue_job, reap_lost_jobs
+from tests.test_contract import _request as contract_request
 from worker.queue import JobQueue
 
 MODEL = "m"
@@ -21,18 +22,7 @@ def _enqueue(redis: Redis, job_id: str, steps: int = 25, n: int = 1, retries: in
 
 
 def _request(steps: int = 25, n: int = 1) -> JobRequest:
-    return JobRequest(
-        kind=JobKind.IMAGE,
-        model=MODEL,
-        n=n,
-        seed=1,
-        class_labels=[0] * n,
-        guidance_scale=4.0,
-        num_inference_steps=steps,
-        width=32,
-        height=32,
-        output_format=OutputFormat.PNG,
-    )
+    return contract_request(model=MODEL, n=n, class_labels=[0] * n, num_inference_steps=steps)
 
 
 def _status(redis: Redis, job_id: str) -> str:
