@@ -12,7 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.deps import RedisDep
 from app.errors import Unauthorized
 from dit_serve.config import AuthMode
-from dit_serve.keys import authenticate
+from dit_serve.contract import Priority
+from dit_serve.keys import ApiKey, authenticate
 
 # auto_error=False: a missing or malformed header reaches us, so it gets our own 401 error shape.
 bearer = HTTPBearer(
@@ -24,10 +25,16 @@ bearer = HTTPBearer(
 
 @dataclass(frozen=True)
 class Caller:
-    """The key a request came with (name None: auth is off), and whether it may see every job."""
+    """The key a request came with (name None: auth is off), whether it may see every job, and its
+    limits (none with auth off)."""
 
     name: str | None
     admin: bool
+    key: ApiKey | None = None
+
+    @property
+    def priority_cap(self) -> Priority:
+        return self.key.priority_cap if self.key is not None else Priority.HIGH
 
     def sees(self, owner: str | None) -> bool:
         """Whether this caller may see a job created by key `owner`."""
@@ -56,7 +63,7 @@ def get_caller(
     key = authenticate(redis, credentials.credentials)
     if key is None:
         raise Unauthorized("the API key is not valid (unknown or revoked)")
-    return Caller(name=key.name, admin=key.admin)
+    return Caller(name=key.name, admin=key.admin, key=key)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -27,7 +27,7 @@ def _reap_forever(redis: Redis, settings: Settings, stop: threading.Event) -> No
     """Requeue jobs of dead workers, and fail orphaned ones, even when no worker is alive to do it."""
     while not stop.wait(settings.reap_interval_s):
         try:
-            reap_lost_jobs(redis, settings.orphan_timeout_s, settings.job_ttl_s)
+            reap_lost_jobs(redis, settings.orphan_timeout_s, settings.job_ttl_s, settings.priority_aging_s)
         except RedisError as exc:
             log.warning("reaper: redis unavailable: %s", exc)
 

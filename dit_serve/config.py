@@ -7,6 +7,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dit_serve.metrics import DEFAULT_WORKER_METRICS_PORT
+from dit_serve.scheduling import DEFAULT_AGING_S
 
 ENV_PREFIX = "DIT_"
 
@@ -103,6 +104,8 @@ class Settings(BaseSettings):
     job_retries: int = Field(2, ge=0, le=10)
     # Admission: at most this many jobs wait in one model's queue (0: no cap); more get 429 queue_full.
     max_queue_depth: int = Field(1000, ge=0)
+    # A low-priority job that has waited this long is taken as a normal one (aging; 0: never).
+    priority_aging_s: float = Field(DEFAULT_AGING_S, ge=0)
     # A queued job whose model has had no live worker for this long fails with no_worker.
     orphan_timeout_s: float = Field(300.0, gt=0)
     # How long finished, failed and canceled jobs (and their records) stay visible.

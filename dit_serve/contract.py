@@ -31,6 +31,23 @@ class JobKind(StrEnum):
     VIDEO = "video"
 
 
+class Priority(StrEnum):
+    """A job's priority class: workers take high before normal before low (dit_serve/scheduling.py)."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 for high: lower ranks go first."""
+        return list(Priority).index(self)
+
+    def capped(self, cap: "Priority") -> "Priority":
+        """This priority, or `cap` when this one is higher."""
+        return self if self.rank >= cap.rank else cap
+
+
 class ConditioningKind(StrEnum):
     """How a model reads a request's condition."""
 
@@ -100,6 +117,12 @@ class ClientOptions(BaseModel):
         le=MAX_QUEUE_TIMEOUT_S,
         description="a job not started within this many seconds of its acceptance fails with "
         "queue_timeout and never starts later; default: no limit",
+    )
+    priority: Priority = Field(
+        Priority.NORMAL,
+        description="high jobs are taken before normal, normal before low (a low job waiting longer "
+        "than the server's priority aging time counts as normal); capped by the API key's "
+        "max_priority, and the job shows the priority it got",
     )
 
 

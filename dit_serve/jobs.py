@@ -64,6 +64,7 @@ class RecordField(StrEnum):
     ATTEMPTS = "attempts"
     DEADLINE = "deadline"  # unix time by which the job must have started (queue_timeout_s), if any
     OWNER = "owner"  # name of the API key that created the job; absent when auth was off
+    PRIORITY = "priority"  # the request's priority class, for the scheduler (dit_serve/scheduling.py)
 
 
 def record_key(job_id: str) -> str:
@@ -161,6 +162,7 @@ class JobRecord(BaseModel):
             RecordField.REQUEST: self.request.to_json(),
             RecordField.COMPAT: self.request.compat,
             RecordField.SAMPLES: str(self.request.n),
+            RecordField.PRIORITY: self.request.priority.value,
             RecordField.CREATED_AT: repr(self.created_at),
             RecordField.PROGRESS: "0",
         }

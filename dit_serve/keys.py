@@ -14,23 +14,17 @@ import hmac
 import re
 import secrets
 import time
-from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
 
+from dit_serve.contract import Priority
 from dit_serve.jobs import KEY_PREFIX
 
 SECRET_PREFIX = "dit_"  # recognisable in logs and by secret scanners
 SECRET_BYTES = 32
 KEYS_KEY = f"{KEY_PREFIX}:keys"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class Priority(StrEnum):
-    HIGH = "high"
-    NORMAL = "normal"
-    LOW = "low"
 
 
 class ApiKey(BaseModel):
@@ -42,8 +36,17 @@ class ApiKey(BaseModel):
     admin: bool = False
     rate_per_min: int | None = Field(None, ge=1, description="jobs per minute; none: unlimited")
     max_queued: int | None = Field(None, ge=1, description="jobs queued or running at once; none: unlimited")
-    max_priority: Priority | None = Field(None, description="highest priority its jobs may ask for")
+    max_priority: Priority | None = Field(
+        None, description="highest priority its jobs get; none: normal (high for an admin key)"
+    )
     created_at: float
+
+    @property
+    def priority_cap(self) -> Priority:
+        """The highest priority this key's jobs get: a request asking for more is lowered to it."""
+        if self.max_priority is not None:
+            return self.max_priority
+        return Priority.HIGH if self.admin else Priority.NORMAL
 
 
 class StoredKey(ApiKey):

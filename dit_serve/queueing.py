@@ -13,6 +13,7 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
+from dit_serve.admission import hold_slot
 from dit_serve.catalog import served_until
 from dit_serve.contract import JobRequest
 from dit_serve.job_index import index_job
@@ -30,6 +31,15 @@ from dit_serve.jobs import (
     rq_job_key,
     wake_key,
 )
+from dit_serve.scheduling import (
+    DEFAULT_AGING_S,
+    UNSCHEDULE_LUA,
+    promote_at,
+    queue_rank,
+    reconcile,
+    schedule_job,
+    scheduler_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +55,16 @@ DEFAULT_TTL_S = 7 * 24 * 3600
 DEADLINES_KEY = f"{KEY_PREFIX}:deadlines"  # sorted set: job id -> unix time it must have started by
 EXPIRED_BATCH = 500  # jobs past their deadline looked at per reaping pass
 
-# KEYS: rq job, our record, the queue list, the canceled registry, the job's ended list.
-# ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds.
-_CANCEL_SCRIPT = """
+# KEYS: rq job, our record, the queue list, the canceled registry, the job's ended list, then
+# scheduler_keys(queue). ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl.
+_CANCEL_SCRIPT = (
+    UNSCHEDULE_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status == 'queued' or status == 'scheduled' or status == 'deferred' or status == 'created' then
   redis.call('LREM', KEYS[3], 0, ARGV[1])
+  unschedule(5, ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', ARGV[2])
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
   redis.call('HSET', KEYS[2], 'completed_at', ARGV[4])
@@ -66,13 +79,18 @@ elseif status == 'started' then
 end
 return status
 """
+)
 
 # Fail a job that is still queued (and only then), as no worker will ever take it.
-# KEYS: rq job, our record, the queue list, the failed registry, the job's ended list.
-# ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl seconds, error JSON.
-_FAIL_QUEUED_SCRIPT = """
+# KEYS: rq job, our record, the queue list, the failed registry, the job's ended list, then
+# scheduler_keys(queue). ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl,
+# error JSON.
+_FAIL_QUEUED_SCRIPT = (
+    UNSCHEDULE_LUA
+    + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 redis.call('LREM', KEYS[3], 0, ARGV[1])
+unschedule(5, ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'failed', 'ended_at', ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[2], 'completed_at', ARGV[4], 'error', ARGV[6])
@@ -82,6 +100,7 @@ redis.call('RPUSH', KEYS[5], '1')
 redis.call('EXPIRE', KEYS[5], ARGV[5])
 return 1
 """
+)
 # Keep a just-queued job only if it is within the first max_depth of its queue (or already taken).
 # KEYS: the queue list, rq job, our record. ARGV: job id, max depth. Returns 1 kept, 0 taken back.
 _KEEP_WITHIN_DEPTH_SCRIPT = """
@@ -108,18 +127,33 @@ class QueueFullError(Exception):
 
 
 def enqueue_job(
-    redis: Redis, job_id: str, record: JobRecord, *, retries: int, ttl_s: int, max_depth: int = 0
+    redis: Redis,
+    job_id: str,
+    record: JobRecord,
+    *,
+    retries: int,
+    ttl_s: int,
+    max_depth: int = 0,
+    max_live: int | None = None,
+    aging_s: float = DEFAULT_AGING_S,
 ) -> None:
-    """Write the job's record, then put it on its model's RQ queue and wake one idle worker.
+    """Write the job's record, put it on its model's RQ queue, give it its turn, and wake a worker.
 
-    With `max_depth`, a job that lands at position max_depth or later is taken back (atomically, if
-    no worker took it meanwhile) and QueueFullError is raised: concurrent submissions can never
-    leave more than max_depth jobs queued.
+    With `max_live` (the owner's quota), QuotaExceeded is raised, and nothing is queued, when the
+    owner already has that many jobs queued or running. With `max_depth`, a job that lands at position
+    max_depth or later is taken back (atomically, if no worker took it meanwhile) and QueueFullError
+    is raised: concurrent submissions can never leave more than max_depth jobs queued.
     """
     model = record.model
     name = queue_name(model)
+    redis.hset(record_key(job_id), mapping=record.creation_fields())  # type: ignore[arg-type]
+    if max_live is not None and record.owner is not None:
+        try:
+            hold_slot(redis, record.owner, job_id, max_live)  # counts the record just written
+        except Exception:
+            redis.delete(record_key(job_id))
+            raise
     with redis.pipeline() as pipe:
-        pipe.hset(record_key(job_id), mapping=record.creation_fields())  # type: ignore[arg-type]
         index_job(pipe, job_id, record, ttl_s)
         pipe.execute()
     Queue(name, connection=redis).enqueue(
@@ -137,6 +171,16 @@ def enqueue_job(
         args=[job_id, max_depth],
     ):
         raise QueueFullError(f"the queue of {model} holds {max_depth} jobs")
+    priority = record.request.priority
+    schedule_job(
+        redis,
+        name,
+        job_id,
+        priority=priority,
+        owner=record.owner,
+        outputs=record.request.n,
+        promote_at=promote_at(priority, record.created_at, aging_s),
+    )
     with redis.pipeline() as pipe:
         if record.deadline is not None:
             pipe.zadd(DEADLINES_KEY, {job_id: record.deadline})
@@ -152,15 +196,30 @@ def cancel_job(redis: Redis, job_id: str, model: str, ttl_s: int) -> CancelOutco
     canceled = CanceledJobRegistry(name, connection=redis)
     now = time.time()
     result = redis.register_script(_CANCEL_SCRIPT)(
-        keys=[rq_job_key(job_id), record_key(job_id), queue.key, canceled.key, ended_key(job_id)],
+        keys=[
+            rq_job_key(job_id),
+            record_key(job_id),
+            queue.key,
+            canceled.key,
+            ended_key(job_id),
+            *scheduler_keys(name),
+        ],
         args=[job_id, rq_timestamp(now), now + ttl_s, now, ttl_s],
     )
     return result.decode() if isinstance(result, bytes) else str(result)
 
 
 def queue_position(redis: Redis, model: str, job_id: str) -> int | None:
-    """0 for the job at the head of its queue; None when it is not in the queue."""
-    position = redis.lpos(Queue(queue_name(model), connection=redis).key, job_id)
+    """How many queued jobs go before this one (0: it is next); None when it is not in the queue.
+
+    The scheduler's order (priority class, then fair-share turn); the RQ list's order for a job the
+    scheduler has not seen yet (requeued, until the reaper's next pass).
+    """
+    name = queue_name(model)
+    rank = queue_rank(redis, name, job_id)
+    if rank is not None:
+        return rank
+    position = redis.lpos(Queue(name, connection=redis).key, job_id)
     return int(position) if position is not None else None  # type: ignore[arg-type]
 
 
@@ -177,13 +236,19 @@ def _collect_into(jobs: list[Job]) -> Callable[..., None]:
     return collect
 
 
-def reap_lost_jobs(redis: Redis, orphan_timeout_s: float | None = None, ttl_s: int = DEFAULT_TTL_S) -> None:
+def reap_lost_jobs(
+    redis: Redis,
+    orphan_timeout_s: float | None = None,
+    ttl_s: int = DEFAULT_TTL_S,
+    aging_s: float = DEFAULT_AGING_S,
+) -> None:
     """Requeue (or fail, when out of retries) jobs whose worker stopped heartbeating.
 
     RQ's own `StartedJobRegistry.cleanup` does exactly this for expired entries, but RQ only runs it
     inside a worker's maintenance every 10 minutes; the API and every dit-serve worker call this
     every few seconds, so a lost job is back in the queue within heartbeat_ttl_s + reap_interval_s.
-    With `orphan_timeout_s`, queued jobs that no live worker can take also fail (fail_orphaned_jobs).
+    Requeued jobs go to the front of their priority class (dit_serve/scheduling.reconcile). With
+    `orphan_timeout_s`, queued jobs that no live worker can take also fail (fail_orphaned_jobs).
     """
     # Many processes reap; one at a time, or two could requeue the same job twice.
     if not redis.set(REAPER_LOCK_KEY, "1", nx=True, px=REAPER_LOCK_MS):
@@ -200,6 +265,7 @@ def reap_lost_jobs(redis: Redis, orphan_timeout_s: float | None = None, ttl_s: i
             outcome = REAPED_REQUEUED if job.retries_left else REAPED_FAILED
             redis.hincrby(REAPED_KEY, f"{model}|{outcome}", 1)
             log.warning("job %s of %s lost its worker: %s", job.id, model, outcome)
+        reconcile(redis, queue.key, queue.name, aging_s)
     fail_expired_jobs(redis, ttl_s)
     if orphan_timeout_s is not None:
         fail_orphaned_jobs(redis, orphan_timeout_s, ttl_s)
@@ -214,6 +280,7 @@ def fail_queued_job(redis: Redis, queue: str, job_id: str, error: JobError, ttl_
         Queue(queue, connection=redis).key,
         FailedJobRegistry(queue, connection=redis).key,
         ended_key(job_id),
+        *scheduler_keys(queue),
     ]
     args: list[str | float] = [job_id, rq_timestamp(now), now + ttl_s, now, ttl_s, error.model_dump_json()]
     return bool(redis.register_script(_FAIL_QUEUED_SCRIPT)(keys=keys, args=args))

@@ -63,6 +63,8 @@ def test_stale_queue_entries_are_dropped(redis: Redis) -> None:
     queue.push_job_id("a")  # a duplicate entry, as two racing requeues could leave
     queue.push_job_id("ghost")  # an entry whose job no longer exists
     assert [ticket.job_id for ticket in _queue(redis).take(QUEUE, 16, "e")] == ["a"]
+    assert queue.get_job_ids() == ["ghost"]  # the take reads scheduled jobs only
+    reap_lost_jobs(redis)  # the reaper drops list entries of jobs that are not queued
     assert queue.get_job_ids() == []
 
 

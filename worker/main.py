@@ -111,6 +111,7 @@ def run_worker(settings: Settings) -> None:
         reap_interval_s=settings.reap_interval_s,
         job_ttl_s=settings.job_ttl_s,
         orphan_timeout_s=settings.orphan_timeout_s,
+        priority_aging_s=settings.priority_aging_s,
         continuous=settings.batching is Batching.CONTINUOUS,
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)

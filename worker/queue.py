@@ -1,7 +1,8 @@
 """The worker's side of the queue: take a batch of compatible jobs, heartbeat them, settle them.
 
 Built beside RQ's stock worker, which takes one job at a time: a Lua script takes several
-compatible jobs atomically from the head of an RQ queue and marks each one `started` in RQ's own
+compatible jobs atomically from an RQ queue, in the scheduler's order (priority class, then fair
+share across API keys: dit_serve/scheduling.py), and marks each one `started` in RQ's own
 job hash and StartedJobRegistry (member `<job id>:<execution id>`, score = heartbeat deadline),
 exactly where RQ would, so `rq info` counts them and RQ's abandoned-job cleanup can requeue them.
 """
@@ -28,65 +29,94 @@ from dit_serve.jobs import (
     wake_key,
 )
 from dit_serve.queueing import fail_expired_jobs, rq_timestamp
+from dit_serve.scheduling import FAIR_TAG_LUA, UNSCHEDULE_LUA, scheduler_keys
 from worker.batching import JobHandle, JobTicket
 
 log = logging.getLogger(__name__)
 
-LOOKAHEAD = 256  # queued jobs scanned for compatible ones per take
+LOOKAHEAD = 256  # queued jobs looked at per priority class and take
 
-# KEYS: queue list, StartedJobRegistry, CanceledJobRegistry.
+# Jobs are read in the scheduler's order (dit_serve/scheduling.py): the high, normal and low sets in
+# turn, each by fair-share tag. First, low jobs due for promotion move to normal with a fair tag.
+# KEYS: queue list, StartedJobRegistry, CanceledJobRegistry, then scheduler_keys(queue): the high,
+#       normal and low sets (4-6), tags (7), aging (8).
 # ARGV: max samples, lookahead, compat ('' = any), RQ now, heartbeat deadline, worker name,
 #       execution id, unix now, rq job key prefix, record key prefix, ttl seconds, newest job schema
 #       this worker reads. Returns {taken ids, ids left queued because their schema is newer, ids left
 #       queued because their deadline has passed (never started: the reaper fails them)}.
-_TAKE_SCRIPT = """
+_TAKE_SCRIPT = (
+    UNSCHEDULE_LUA
+    + FAIR_TAG_LUA
+    + """
 local max_samples = tonumber(ARGV[1])
+local lookahead = tonumber(ARGV[2])
 local compat = ARGV[3]
 local max_schema = tonumber(ARGV[12])
+local now = tonumber(ARGV[8])
 local total = 0
 local taken = {}
 local too_new = {}
 local expired = {}
-local ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-for _, id in ipairs(ids) do
-  local job_key = ARGV[9] .. id
-  local rec_key = ARGV[10] .. id
-  local status = redis.call('HGET', job_key, 'status')
-  if status ~= 'queued' then
-    -- Only queued jobs belong in a queue: drop entries of deleted or already started jobs.
-    redis.call('LREM', KEYS[1], 0, id)
-  else
-    local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel', 'schema_version', 'deadline')
-    local samples = tonumber(rec[2])
-    if (tonumber(rec[4]) or 1) > max_schema then
-      -- Written by a newer API: leave it queued for a worker that reads it.
-      too_new[#too_new + 1] = id
-    elseif rec[5] and tonumber(rec[5]) < tonumber(ARGV[8]) then
-      -- Not started by its deadline: it must never start.
-      expired[#expired + 1] = id
-    elseif rec[3] == '1' then
+
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, lookahead)) do
+  redis.call('ZREM', KEYS[8], id)
+  if redis.call('ZREM', KEYS[6], id) == 1 then
+    local rec = redis.call('HMGET', ARGV[10] .. id, 'owner', 'samples')
+    redis.call('ZADD', KEYS[5], fair_tag(KEYS[7], 2, rec[1] or '', tonumber(rec[2] or '1')), id)
+  end
+end
+
+for class = 1, 3 do
+  if total >= max_samples then break end
+  local entries = redis.call('ZRANGE', KEYS[3 + class], 0, lookahead - 1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    local id, tag = entries[i], tonumber(entries[i + 1])
+    local job_key = ARGV[9] .. id
+    local rec_key = ARGV[10] .. id
+    local status = redis.call('HGET', job_key, 'status')
+    if status ~= 'queued' then
+      -- Only queued jobs belong in a queue: drop entries of deleted or already started jobs.
+      unschedule(3, id)
       redis.call('LREM', KEYS[1], 0, id)
-      redis.call('HSET', job_key, 'status', 'canceled', 'ended_at', ARGV[4])
-      redis.call('ZADD', KEYS[3], tonumber(ARGV[8]) + tonumber(ARGV[11]), id)
-      redis.call('HSET', rec_key, 'completed_at', ARGV[8])
-    elseif rec[1] and samples and (compat == '' or rec[1] == compat)
-        and (total == 0 or total + samples <= max_samples) then
-      compat = rec[1]
-      redis.call('LREM', KEYS[1], 1, id)
-      redis.call('HSET', job_key, 'status', 'started', 'started_at', ARGV[4], 'worker_name', ARGV[6],
-        'last_heartbeat', ARGV[4])
-      redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[7])
-      redis.call('HSET', rec_key, 'started_at', ARGV[8], 'execution', ARGV[7], 'worker', ARGV[6],
-        'progress', 0)
-      redis.call('HINCRBY', rec_key, 'attempts', 1)
-      taken[#taken + 1] = id
-      total = total + samples
-      if total >= max_samples then break end
+    else
+      local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel', 'schema_version', 'deadline')
+      local samples = tonumber(rec[2])
+      if (tonumber(rec[4]) or 1) > max_schema then
+        -- Written by a newer API: leave it queued for a worker that reads it.
+        too_new[#too_new + 1] = id
+      elseif rec[5] and tonumber(rec[5]) < now then
+        -- Not started by its deadline: it must never start.
+        expired[#expired + 1] = id
+      elseif rec[3] == '1' then
+        unschedule(3, id)
+        redis.call('LREM', KEYS[1], 0, id)
+        redis.call('HSET', job_key, 'status', 'canceled', 'ended_at', ARGV[4])
+        redis.call('ZADD', KEYS[3], now + tonumber(ARGV[11]), id)
+        redis.call('HSET', rec_key, 'completed_at', ARGV[8])
+      elseif rec[1] and samples and (compat == '' or rec[1] == compat)
+          and (total == 0 or total + samples <= max_samples) then
+        compat = rec[1]
+        unschedule(3, id)
+        redis.call('LREM', KEYS[1], 0, id)
+        if tag > tonumber(redis.call('HGET', KEYS[7], 'vt:' .. class) or '0') then
+          redis.call('HSET', KEYS[7], 'vt:' .. class, tag)
+        end
+        redis.call('HSET', job_key, 'status', 'started', 'started_at', ARGV[4], 'worker_name', ARGV[6],
+          'last_heartbeat', ARGV[4])
+        redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[7])
+        redis.call('HSET', rec_key, 'started_at', ARGV[8], 'execution', ARGV[7], 'worker', ARGV[6],
+          'progress', 0)
+        redis.call('HINCRBY', rec_key, 'attempts', 1)
+        taken[#taken + 1] = id
+        total = total + samples
+        if total >= max_samples then break end
+      end
     end
   end
 end
 return {taken, too_new, expired}
 """
+)
 
 # Settle a held job: only if it is still started and still ours (a reaped and requeued job is not).
 # KEYS: rq job, record, StartedJobRegistry, target registry, the job's ended list.
@@ -130,7 +160,8 @@ class JobQueue:
         return StartedJobRegistry(queue, connection=self.redis)
 
     def take(self, queue: str, max_samples: int, execution: str, compat: str = "") -> list[JobTicket]:
-        """Atomically take compatible queued jobs (up to max_samples outputs) from the head of `queue`.
+        """Atomically take compatible queued jobs (up to max_samples outputs) in the scheduler's order:
+        priority class first, then each key's fair-share turn (dit_serve/scheduling.py).
 
         Jobs written with a newer job schema than this worker's stay queued for a newer worker; a job
         whose stored request cannot be read fails at once with `invalid_job`.
@@ -141,6 +172,7 @@ class JobQueue:
                 self.queues[queue].key,
                 self._started(queue).key,
                 CanceledJobRegistry(queue, connection=self.redis).key,
+                *scheduler_keys(queue),
             ],
             args=[
                 max_samples,

@@ -16,6 +16,7 @@ from rq import SimpleWorker
 from dit_serve.catalog import publish_worker, retire_worker
 from dit_serve.jobs import queue_name
 from dit_serve.queueing import reap_lost_jobs
+from dit_serve.scheduling import DEFAULT_AGING_S
 from dit_serve.storage import Storage
 from models.loading import LoadedModel
 from worker.batching import JobTicket
@@ -42,6 +43,7 @@ class WorkerConfig:
     reap_interval_s: float
     job_ttl_s: int
     orphan_timeout_s: float = 300.0  # queued jobs of a model with no live worker this long fail
+    priority_aging_s: float = DEFAULT_AGING_S  # for low jobs the reaper puts back in the queue
     continuous: bool = False  # step-level continuous batching where the model's scheduler allows
 
 
@@ -110,7 +112,12 @@ class Worker:
                 self._publish()
                 self.ledger.heartbeat()
                 if time.monotonic() - last_reap >= self.config.reap_interval_s:
-                    reap_lost_jobs(self.redis, self.config.orphan_timeout_s, self.config.job_ttl_s)
+                    reap_lost_jobs(
+                        self.redis,
+                        self.config.orphan_timeout_s,
+                        self.config.job_ttl_s,
+                        self.config.priority_aging_s,
+                    )
                     last_reap = time.monotonic()
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)

@@ -16,6 +16,7 @@ from app.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from app.schemas import ImageRequest, JobBody, VideoRequest
 from app.submission import choose_model, new_job_id, normalise
 from app.views import job_body
+from dit_serve.admission import QuotaExceeded, RateLimited, take_token
 from dit_serve.catalog import served_models
 from dit_serve.config import Settings
 from dit_serve.contract import JobKind
@@ -44,8 +45,13 @@ def _submit(
     response: Response,
     caller: Caller,
 ) -> JobBody:
+    key = caller.key
+    if key is not None and key.rate_per_min is not None:
+        _within_rate(redis, key.name, key.rate_per_min)
     spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
-    job_id, record = new_job_id(), JobRecord.new(normalise(body, kind, spec), owner=caller.name)
+    job = normalise(body, kind, spec)
+    job = job.model_copy(update={"priority": job.priority.capped(caller.priority_cap)})
+    job_id, record = new_job_id(), JobRecord.new(job, owner=caller.name)
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     scope = caller.name or ""  # keys are per API key ("" with auth off)
     if idempotency_key is not None:
@@ -62,27 +68,62 @@ def _submit(
             retries=settings.job_retries,
             ttl_s=settings.job_ttl_s,
             max_depth=settings.max_queue_depth,
+            max_live=key.max_queued if key is not None else None,
+            aging_s=settings.priority_aging_s,
         )
     except Exception as exc:
         if idempotency_key is not None:
             release_claim(redis, scope, idempotency_key)  # a retry must be able to create the job
         if isinstance(exc, QueueFullError):
             raise _queue_full(redis, spec.name, settings) from exc
+        if isinstance(exc, QuotaExceeded):
+            raise _quota_exceeded(redis, spec.name, exc.live, settings) from exc
         raise
     request.app.state.metrics.accepted.labels(kind.value, spec.name).inc()
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return job_body(redis, job_id)
 
 
+def _within_rate(redis: Redis, name: str, rate_per_min: int) -> None:
+    """Spend one of the key's submissions; 429 rate_limited, with when the next one is there."""
+    try:
+        take_token(redis, name, rate_per_min)
+    except RateLimited as exc:
+        raise TooManyRequests(
+            f"API key {name!r} may submit {rate_per_min} jobs per minute; retry after the Retry-After "
+            "seconds",
+            "rate_limited",
+            _clamped(math.ceil(exc.retry_after_s)),
+        ) from exc
+
+
+def _drain_retry_after(redis: Redis, model: str, settings: Settings) -> int:
+    """Seconds until the model's queue has likely moved on by one job, from the last minute's rate."""
+    rate = completions_per_s(redis, model, settings.job_ttl_s, DRAIN_WINDOW_S)
+    return _clamped(math.ceil(1 / rate) if rate > 0 else UNKNOWN_DRAIN_RETRY_S)
+
+
+def _clamped(retry_after_s: int) -> int:
+    return min(max(retry_after_s, 1), MAX_RETRY_AFTER_S)
+
+
 def _queue_full(redis: Redis, model: str, settings: Settings) -> TooManyRequests:
     """429 queue_full, with Retry-After from how fast the model's queue has been draining."""
-    rate = completions_per_s(redis, model, settings.job_ttl_s, DRAIN_WINDOW_S)
-    retry_after = math.ceil(1 / rate) if rate > 0 else UNKNOWN_DRAIN_RETRY_S
     return TooManyRequests(
         f"the queue of model {model} is full ({settings.max_queue_depth} jobs waiting); retry after "
         "the Retry-After seconds, when the queue has drained",
         "queue_full",
-        min(max(retry_after, 1), MAX_RETRY_AFTER_S),
+        _drain_retry_after(redis, model, settings),
+    )
+
+
+def _quota_exceeded(redis: Redis, model: str, live: int, settings: Settings) -> TooManyRequests:
+    """429 quota_exceeded, with Retry-After from how fast the model's jobs have been finishing."""
+    return TooManyRequests(
+        f"this API key already has {live} jobs queued or running, its quota; retry after the "
+        "Retry-After seconds, when one of them has ended (or cancel one)",
+        "quota_exceeded",
+        _drain_retry_after(redis, model, settings),
     )
 
 
