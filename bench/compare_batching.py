@@ -73,14 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait-ms", type=int, default=20, help="static batching's fill wait")
     parser.add_argument("--json", type=Path, default=Path("bench/results/batching.json"))
     args = parser.parse_args(argv)
-    settings = Settings.from_args(
-        args,
-        concurrency=[],
-        poisson=[],
-        batch=args.max_batch,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-    )
+    settings = Settings.for_service_only(args)
     results = run(settings, args.rates, args.repeats)
     print(format_table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)

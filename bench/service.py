@@ -76,6 +76,13 @@ class Settings:
         workload = {"model_dir": args.model_dir, "steps": args.steps, "guidance": args.guidance}
         return cls(**workload, requests=args.requests, **rest)  # type: ignore[arg-type]
 
+    @classmethod
+    def for_service_only(cls, args: argparse.Namespace, **rest: object) -> "Settings":
+        """Settings of a benchmark that drives only the service (no naive or ideal run), from
+        add_workload_flags' flags and --max-batch and --max-wait-ms."""
+        batch = {"batch": args.max_batch, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
+        return cls.from_args(args, concurrency=[], poisson=[], **batch, **rest)
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -161,10 +168,17 @@ def run_ideal(settings: Settings) -> Result:
 class ServiceUnderTest:
     """Redis, `dit-serve api` and one `dit-serve worker`, as child processes of this one."""
 
-    def __init__(self, settings: Settings, workdir: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        embedded_redis: bool = False,
+    ):
+        """With embedded_redis (or no REDIS_URL set), on a fresh Redis of its own."""
         self.workdir = workdir
         self.redis: EmbeddedRedis | None = None
-        redis_url = os.environ.get("REDIS_URL")
+        redis_url = None if embedded_redis else os.environ.get("REDIS_URL")
         if not redis_url:
             self.redis = EmbeddedRedis(workdir / "redis", persistent=False).start()
             redis_url = self.redis.url
