@@ -127,6 +127,9 @@ def test_jobs_are_private_to_their_key_and_visible_to_admins(
         job = alice.post("/v1/images", json=JOB).json()["id"]
         done = alice.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
         assert done["status"] == "completed", done
+        # Prometheus may read /metrics without a key: no series names a job, a key or a prompt.
+        metrics = httpx.get(f"{auth_service.base_url}/metrics", timeout=30).text
+        assert job not in metrics and "alice" not in metrics and done["request"]["prompt"] not in metrics
         for caller in (alice, ops):
             assert caller.get(f"/v1/jobs/{job}").status_code == 200
             assert caller.get(f"/v1/jobs/{job}", params={"wait": 1}).status_code == 200

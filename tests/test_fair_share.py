@@ -106,6 +106,8 @@ def test_rate_limit_is_a_429_with_retry_after(keyed: Service) -> None:
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(limited.headers["Retry-After"]) <= 20  # a token every 20 s
     assert _client(keyed, "unmetered").post("/v1/images", json=JOB).status_code == 202  # per key
+    metrics = httpx.get(f"{keyed.base_url}/metrics", timeout=30).text
+    assert 'dit_jobs_rejected_total{kind="image",reason="rate_limited"} 1.0' in metrics
 
 
 def test_quota_counts_queued_and_running_jobs(keyed: Service) -> None:
@@ -115,6 +117,8 @@ def test_quota_counts_queued_and_running_jobs(keyed: Service) -> None:
         over = client.post("/v1/images", json=JOB)
         assert over.status_code == 429 and over.json()["error"]["code"] == "quota_exceeded"
         assert 1 <= int(over.headers["Retry-After"]) <= 60
+        metrics = httpx.get(f"{keyed.base_url}/metrics", timeout=30).text
+        assert 'dit_jobs_rejected_total{kind="image",reason="quota_exceeded"} 1.0' in metrics
         assert client.delete(f"/v1/jobs/{first[0]}").status_code == 200
         third = _post(client)  # the canceled job freed its slot
     _wait_all(client, [first[1], third])
