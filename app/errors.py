@@ -1,13 +1,14 @@
 """Named API errors, each with one HTTP status and one error code; the handlers render them all alike."""
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,36 @@ def _describe(errors: list[dict]) -> str:
 ErrorHook = Callable[[Request, int, str], None]
 
 
+class UnexpectedErrors:
+    """Answer an exception that escaped the app with `answer`'s error, when no answer has started.
+
+    Plain ASGI rather than `@app.middleware("http")`, which costs a task group and a streamed copy of
+    every answer.
+    """
+
+    def __init__(self, app: ASGIApp, answer: Callable[[Request, Exception], Response]):
+        self.app = app
+        self.answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            if started:
+                raise  # half an answer is out: nothing better can be sent now
+            await self.answer(Request(scope, receive), exc)(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> None:
     """Every failure, including FastAPI's own and unexpected ones, gets the documented error shape.
 
@@ -159,12 +190,7 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
     # Unexpected exceptions are answered by a middleware, inside the app: Starlette's handler for
     # Exception (ServerErrorMiddleware) sends its answer and then re-raises, and the server then
     # drops the keep-alive connection under the client and middlewares outside never see a response.
-    @app.middleware("http")
-    async def unexpected(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        try:
-            return await call_next(request)
-        except Exception as exc:
-            return internal_error(request, exc)
+    app.add_middleware(UnexpectedErrors, answer=internal_error)
 
     # Last resort, for a failure in a middleware added after this one.
     app.exception_handler(Exception)(internal_error)

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from app.docs_ui import install_docs_ui
 from app.errors import install_error_handlers
-from app.metrics import APIMetrics
+from app.metrics import APIMetrics, RequestMetrics
 from app.middleware import BodyLimit, RequestID
 from app.routes import generation, jobs, system
 from dit_serve.config import Settings, get_settings
@@ -60,13 +60,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.waits = waits
     app.state.storage = storage_from_settings(settings)
     app.state.metrics = APIMetrics(redis, settings.worker_metrics_url)
-    # Later middlewares run outside earlier ones. The body limit goes innermost: its error, raised
-    # while FastAPI reads the body, must not cross a `@app.middleware("http")` (whose task group
-    # wraps it, so FastAPI would answer 400); the metrics see its 413s, and every answer leaves
-    # through RequestID.
+    # Later middlewares run outside earlier ones, and all are plain ASGI (no `@app.middleware("http")`,
+    # whose task group would turn the body limit's error, raised while FastAPI reads the body, into a
+    # 400). The body limit goes innermost; the metrics see every error answer, its 413s included, and
+    # every answer leaves through RequestID.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_error=app.state.metrics.error)
     install_error_handlers(app, app.state.metrics.error)
-    app.middleware("http")(app.state.metrics.middleware)  # after: it counts the error answers too
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # after: it counts the error answers too
     app.add_middleware(RequestID)
     for router in (generation.router, jobs.router, system.router):
         app.include_router(router)

@@ -11,9 +11,9 @@ target.
 import logging
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
-from fastapi import Request, Response
+from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.utils import as_text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dit_serve.catalog import live_workers, served_models
 from dit_serve.contract import JobKind
@@ -221,14 +222,31 @@ class APIMetrics:
         if kind and request.method == "POST" and status >= 400:
             self.rejected.labels(kind.value, code).inc()
 
-    async def middleware(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+
+class RequestMetrics:
+    """Count and time every HTTP answer by route template, method and status (plain ASGI)."""
+
+    def __init__(self, app: ASGIApp, metrics: APIMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        status = str(response.status_code)
-        self.requests.labels(path, request.method, status).inc()
-        self.latency.labels(path, request.method, status).observe(time.perf_counter() - start)
-        return response
+        status = 500  # what the server answers if the app raises before answering
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")  # the router sets the scope's route
+            labels = (path, scope["method"], str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
