@@ -1,10 +1,13 @@
-"""/openapi.json in-process: every operation's error statuses in our error shape, and the bearer scheme
-where a key is needed."""
+"""/openapi.json in-process: every operation's error statuses in our error shape, the bearer scheme where
+a key is needed, and the answers the fuzz run (tests/test_openapi_fuzz.py) found undocumented."""
 
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from app.errors import install_error_handlers
 from app.main import create_app
 from dit_serve.config import Settings
 
@@ -75,3 +78,40 @@ def test_routes_that_answer_401_need_the_bearer_key_and_health_stays_open(schema
 def test_a_request_names_prompt_or_class_labels_in_the_schema_too(schema: dict[str, Any]) -> None:
     one_of = schema["components"]["schemas"]["ImageRequest"]["oneOf"]
     assert [branch["required"] for branch in one_of] == [["prompt"], ["class_labels"]]
+
+
+def _two_methods_one_path() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/things/{name}")
+    def read(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    @app.delete("/things/{name}")
+    def remove(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    @app.post("/things")
+    def create(body: dict[str, str]) -> dict[str, str]:
+        return body
+
+    install_error_handlers(app)
+    return app
+
+
+def test_a_405_allows_every_method_of_the_path_not_only_the_first_routes() -> None:
+    client = TestClient(_two_methods_one_path())
+    refused = client.put("/things/a")
+    assert refused.status_code == 405 and refused.json()["error"]["code"] == "method_not_allowed"
+    assert refused.headers["Allow"] == "DELETE, GET"
+    assert client.request("TRACE", "/things").headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"a": "\xff"}', b"\xfe\xff\x00", b"[" * 5000], ids=["latin-1", "bad utf-16", "deep"]
+)
+def test_a_body_that_cannot_be_decoded_is_invalid_json_not_a_400(body: bytes) -> None:
+    answer = TestClient(_two_methods_one_path()).post(
+        "/things", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_json"
