@@ -8,12 +8,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
 BODY_TOO_LARGE = "body_too_large"
 REQUEST_ID_STATE = "request_id"  # where app.middleware.RequestID keeps a request's id (scope["state"])
+# FastAPI answers 400 when it cannot even decode a body as JSON (bytes that are not UTF-8, nesting too
+# deep for the parser), where a body that decodes but does not parse gets its 422 json_invalid. All our
+# bodies are JSON, so both are the documented 422 invalid_json; no route of ours raises a 400 itself.
+UNDECODABLE_BODY_STATUS = 400
+UNDECODABLE_BODY_MESSAGE = "the body could not be read as JSON: send UTF-8 JSON of reasonable depth"
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 INTERNAL_ERROR_MESSAGE = (
     "an unexpected error occurred; it was logged with this request_id. Retry, and if it keeps "
     "happening report the request_id to the operator"
@@ -92,6 +99,21 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
+def allowed_methods(request: Request) -> str:
+    """The `Allow` of a 405 (RFC 9110): every method some route of this path takes.
+
+    Starlette's own names only the first route that matches the path, so `DELETE /v1/jobs/{id}`
+    would be left out of a 405 for `PUT /v1/jobs/{id}`. Mounts (the docs' static files) are left out:
+    they match every method.
+    """
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    return ", ".join(
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
+
+
 def _describe(errors: list[dict]) -> str:
     parts = []
     for error in errors:
@@ -164,10 +186,15 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == UNDECODABLE_BODY_STATUS:
+            return answer(request, 422, "invalid_json", UNDECODABLE_BODY_MESSAGE)
         code = {404: "not_found", 405: "method_not_allowed", 413: BODY_TOO_LARGE}.get(
             exc.status_code, "http_error"
         )
-        return answer(request, exc.status_code, code, str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and (allowed := allowed_methods(request)):
+            headers["Allow"] = allowed
+        return answer(request, exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(RedisError)
     async def redis_error(request: Request, exc: RedisError) -> JSONResponse:

@@ -14,6 +14,7 @@ from app.docs_ui import install_docs_ui
 from app.errors import install_error_handlers
 from app.metrics import APIMetrics, RequestMetrics
 from app.middleware import BodyLimit, RequestID
+from app.openapi import install_openapi
 from app.routes import generation, jobs, system
 from dit_serve.config import Settings, get_settings
 from dit_serve.queueing import reap_lost_jobs
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_docs_ui(app)  # /docs and /redoc without a CDN
+    install_openapi(app)  # every route's errors in our shape, not FastAPI's default 422
     app.state.settings = settings
     app.state.redis = redis
     app.state.waits = waits

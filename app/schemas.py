@@ -6,7 +6,7 @@ unchanged to the worker are declared there once. Model descriptions are the cont
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from dit_serve.contract import ClientOptions, JobRequest, ModelSpec
 from dit_serve.jobs import JobError
@@ -23,10 +23,19 @@ SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 MODEL_DEFAULT = "default: the model's `defaults` (GET /v1/models)"
 
 
+# _one_condition below, for /openapi.json: a request carries a prompt or class_labels, not both.
+ONE_CONDITION: list[JsonValue] = [
+    {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+    {"required": ["class_labels"], "properties": {"class_labels": {"type": "array"}}},
+]
+
+
 class GenerationRequest(ClientOptions):
     """Fields shared by image and video requests; unknown fields are rejected."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), json_schema_extra={"oneOf": ONE_CONDITION}
+    )
 
     model: str | None = Field(None, min_length=1, max_length=200, description="default: the default model")
     prompt: str | None = Field(
@@ -114,3 +123,23 @@ class JobList(BaseModel):
     data: list[JobBody]
     has_more: bool
     last_id: str | None = Field(description="the cursor for the next page: pass it as `after`")
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a code for programs, a message for people."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(description="machine-readable, one per cause, e.g. `job_not_found`")
+    message: str = Field(description="what went wrong and what to do about it")
+    request_id: str | None = Field(
+        None, description="5xx only: the id the API logged the fault under (also in `X-Request-ID`)"
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: `{"error": {"code", "message", "request_id"?}}` (app/errors.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail

@@ -13,6 +13,7 @@ from redis import Redis
 from app.auth import Caller, CallerDep, get_caller
 from app.deps import RedisDep, SettingsDep, require_json
 from app.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
+from app.openapi import SUBMISSION_PARAMETERS, SUBMISSION_RESPONSES
 from app.schemas import ImageRequest, JobBody, VideoRequest
 from app.submission import choose_model, new_job_id, normalise
 from app.views import job_body
@@ -160,7 +161,13 @@ def _replayed(redis: Redis, job_id: str) -> JobBody:
             time.sleep(REPLAY_POLL_S)
 
 
-@router.post("/images", status_code=status.HTTP_202_ACCEPTED, dependencies=CHECKS)
+@router.post(
+    "/images",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=CHECKS,
+    responses=SUBMISSION_RESPONSES,
+    openapi_extra=SUBMISSION_PARAMETERS,
+)
 def create_image(
     request: Request,
     body: ImageRequest,
@@ -173,7 +180,13 @@ def create_image(
     return _submit(request, body, JobKind.IMAGE, redis, settings, response, caller)
 
 
-@router.post("/videos", status_code=status.HTTP_202_ACCEPTED, dependencies=CHECKS)
+@router.post(
+    "/videos",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=CHECKS,
+    responses=SUBMISSION_RESPONSES,
+    openapi_extra=SUBMISSION_PARAMETERS,
+)
 def create_video(
     request: Request,
     body: VideoRequest,

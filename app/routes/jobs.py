@@ -13,6 +13,17 @@ from fastapi.concurrency import run_in_threadpool
 from app.auth import CallerDep
 from app.deps import RedisDep, SettingsDep, StorageDep
 from app.errors import Conflict, InvalidRequest, NotFound
+from app.openapi import (
+    INVALID_CURSOR,
+    INVALID_PARAMETER,
+    JOB_FINISHED,
+    JOB_NOT_FOUND,
+    JOB_SCHEMA_TOO_NEW,
+    OUTPUT_NOT_FOUND,
+    REDIS_UNAVAILABLE,
+    UNAUTHORIZED,
+    error_responses,
+)
 from app.schemas import JobBody, JobList
 from app.views import job_body, read_record, stored_output
 from dit_serve.job_index import UnknownCursorError, forget, index_key, newest_ids
@@ -24,9 +35,13 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 DEFAULT_PAGE, MAX_PAGE = 20, 100
 StatusName = Literal["queued", "in_progress", "completed", "failed", "canceled"]
+READ_ERRORS = (UNAUTHORIZED, REDIS_UNAVAILABLE, JOB_SCHEMA_TOO_NEW)  # of every route that reads jobs
+OUTPUT_CONTENT = {  # the content type the worker stored the output with (`outputs[].content_type`)
+    media_type: {"schema": {"type": "string", "format": "binary"}} for media_type in ("image/*", "video/*")
+}
 
 
-@router.get("")
+@router.get("", responses=error_responses(*READ_ERRORS, INVALID_PARAMETER, INVALID_CURSOR))
 def list_jobs(
     redis: RedisDep,
     caller: CallerDep,
@@ -65,7 +80,7 @@ MAX_WAIT_S = 60.0
 WAIT_SLICE_S = 1.0  # look at the job again at least this often while waiting (a reaped job signals nothing)
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=error_responses(*READ_ERRORS, JOB_NOT_FOUND, INVALID_PARAMETER))
 async def get_job(
     job_id: str,
     request: Request,
@@ -87,7 +102,14 @@ async def get_job(
     return body
 
 
-@router.get("/{job_id}/outputs/{index}")
+@router.get(
+    "/{job_id}/outputs/{index}",
+    response_class=Response,
+    responses={
+        200: {"description": "the output's bytes", "content": OUTPUT_CONTENT},
+        **error_responses(*READ_ERRORS, JOB_NOT_FOUND, OUTPUT_NOT_FOUND, INVALID_PARAMETER),
+    },
+)
 def get_output(job_id: str, index: int, redis: RedisDep, storage: StorageDep, caller: CallerDep) -> Response:
     """The bytes of one output, with its content type."""
     key, content_type = stored_output(redis, job_id, index, caller)
@@ -98,7 +120,13 @@ def get_output(job_id: str, index: int, redis: RedisDep, storage: StorageDep, ca
     return Response(content=data, media_type=content_type)
 
 
-@router.delete("/{job_id}")
+@router.delete(
+    "/{job_id}",
+    responses={
+        202: {"model": JobBody, "description": "the job was running: it stops at its next denoising step"},
+        **error_responses(*READ_ERRORS, JOB_NOT_FOUND, JOB_FINISHED),
+    },
+)
 def cancel(
     job_id: str,
     request: Request,

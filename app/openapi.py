@@ -1,0 +1,199 @@
+"""What /openapi.json says beyond what FastAPI infers: each route's errors, and the headers it reads.
+
+A route passes `responses=error_responses(...)` the errors it can answer; every error has the shape
+`ErrorBody` (app/errors.py renders them all). FastAPI adds its own 422 (`HTTPValidationError`, a
+shape we never send) to routes with parameters that do not declare one; `install_openapi` drops it,
+so a route whose parameters cannot fail (a string path parameter) documents no 422 at all.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.middleware import REQUEST_ID_HEADER
+from app.schemas import ErrorBody
+from dit_serve.idempotency import IDEMPOTENCY_HEADER, VALID_KEY
+
+ERROR_STATUS = 400  # statuses from here on are errors, answered as ErrorBody
+FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+REQUEST_ID_DOC = {
+    "description": "the client's own id when it sent a well-formed one, else a fresh one; 5xx bodies "
+    "repeat it as `request_id`",
+    "required": True,
+    "schema": {"type": "string"},
+}
+
+
+@dataclass(frozen=True)
+class DocumentedError:
+    """A status a route can answer, the error codes it carries there, and when."""
+
+    status: int
+    codes: tuple[str, ...]
+    when: str
+    headers: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+
+
+UNAUTHORIZED = DocumentedError(
+    401,
+    ("unauthorized",),
+    "auth is on and the request has no valid API key (missing, malformed, unknown or revoked)",
+    {"WWW-Authenticate": {"description": "`Bearer` (RFC 6750)", "schema": {"type": "string"}}},
+)
+JOB_NOT_FOUND = DocumentedError(
+    404, ("job_not_found",), "no such job: never created, expired, or created by another API key"
+)
+OUTPUT_NOT_FOUND = DocumentedError(
+    404, ("output_not_found",), "the job has no output of that index, or it is gone from storage"
+)
+JOB_FINISHED = DocumentedError(
+    409, ("job_finished",), "the job has already completed, failed or been canceled"
+)
+IDEMPOTENCY_CONFLICT = DocumentedError(
+    409,
+    ("idempotency_key_reused", "idempotency_key_in_use"),
+    "the `Idempotency-Key` came with a different request within 24 h, or its first request is still "
+    "being accepted (retry)",
+)
+BODY_TOO_LARGE = DocumentedError(
+    413, ("body_too_large",), "the body is over `DIT_MAX_BODY_BYTES`; refused before it is read"
+)
+UNSUPPORTED_MEDIA_TYPE = DocumentedError(
+    415, ("unsupported_media_type",), "the body is not sent with `Content-Type: application/json`"
+)
+INVALID_PARAMETER = DocumentedError(
+    422, ("invalid_request",), "a path or query parameter of the wrong type or out of its range"
+)
+INVALID_CURSOR = DocumentedError(
+    422, ("invalid_cursor",), "`after` names no job of this listing (it may have expired)"
+)
+INVALID_SUBMISSION = DocumentedError(
+    422,
+    (
+        "invalid_request",
+        "invalid_json",
+        "unknown_model",
+        "wrong_kind",
+        "unknown_label",
+        "no_label_names",
+        "unsupported_size",
+        "invalid_idempotency_key",
+    ),
+    "bad input, checked against the schema and then against the model (GET /v1/models); nothing is queued",
+)
+LIMITED = DocumentedError(
+    429,
+    ("rate_limited", "quota_exceeded", "queue_full"),
+    "the API key's jobs per minute, or its jobs queued or running at once, or the model's queue "
+    "(`--max-queue-depth`) is at its limit; nothing is queued",
+    {
+        "Retry-After": {
+            "description": "seconds after which a retry should be accepted",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+)
+REDIS_UNAVAILABLE = DocumentedError(
+    503, ("redis_unavailable",), "the job store (Redis) is unreachable; retry later"
+)
+NO_MODEL = DocumentedError(503, ("no_model",), "no live worker serves a model of this kind")
+NO_WORKER = DocumentedError(503, ("no_worker",), "no live worker")
+JOB_SCHEMA_TOO_NEW = DocumentedError(
+    503, ("job_schema_too_new",), "a newer API wrote the job (mid rolling upgrade); retry later"
+)
+INTERNAL_ERROR = DocumentedError(
+    500, ("internal_error",), "an unexpected fault, logged under the body's `request_id`"
+)
+
+
+def error_responses(*errors: DocumentedError) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for `errors`, and 500 `internal_error`, which any route can answer.
+
+    Args:
+        errors: what the route can answer; several with one status are described together.
+
+    Returns:
+        status -> FastAPI's additional response: the ErrorBody model, a description naming each
+        code, and the headers of that answer.
+    """
+    by_status: dict[int, list[DocumentedError]] = {}
+    for error in (*errors, INTERNAL_ERROR):
+        by_status.setdefault(error.status, []).append(error)
+    return {status: _response(group) for status, group in sorted(by_status.items())}
+
+
+def _response(errors: list[DocumentedError]) -> dict[str, Any]:
+    lines = [f"- {', '.join(f'`{code}`' for code in error.codes)}: {error.when}" for error in errors]
+    headers = {name: doc for error in errors for name, doc in error.headers.items()}
+    return {"model": ErrorBody, "description": "\n".join(lines), **({"headers": headers} if headers else {})}
+
+
+# POST /v1/images and /v1/videos read Idempotency-Key from the request itself, so it is declared here.
+SUBMISSION_PARAMETERS: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": IDEMPOTENCY_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "the same key and body within 24 h return the same job: 1-255 visible ASCII "
+            "characters, e.g. a UUID",
+            "schema": {"type": "string", "pattern": VALID_KEY.pattern},
+        }
+    ]
+}
+SUBMISSION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {
+        "headers": {
+            "Location": {"description": "the job's URL", "required": True, "schema": {"type": "string"}},
+            "Idempotent-Replayed": {
+                "description": "`true` when an earlier request with this Idempotency-Key created the job",
+                "schema": {"type": "string", "enum": ["true"]},
+            },
+        }
+    },
+    **error_responses(
+        UNAUTHORIZED,
+        IDEMPOTENCY_CONFLICT,
+        BODY_TOO_LARGE,
+        UNSUPPORTED_MEDIA_TYPE,
+        INVALID_SUBMISSION,
+        LIMITED,
+        REDIS_UNAVAILABLE,
+        NO_MODEL,
+        JOB_SCHEMA_TOO_NEW,
+    ),
+}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Make `app.openapi()` drop FastAPI's default 422, give every error response the media type our
+    handlers answer with (JSON, whatever the route's own), and name `X-Request-ID` on every answer."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _mended(build())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend it
+
+
+def _mended(schema: dict[str, Any]) -> dict[str, Any]:
+    default_422 = {"$ref": f"#/components/schemas/{FASTAPI_VALIDATION_SCHEMAS[0]}"}
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            responses = operation["responses"]
+            content = responses.get("422", {}).get("content", {}).get("application/json", {})
+            if content.get("schema") == default_422:
+                del responses["422"]
+            for status, response in responses.items():
+                response.setdefault("headers", {})[REQUEST_ID_HEADER] = REQUEST_ID_DOC
+                if int(status) >= ERROR_STATUS and response.get("content"):
+                    # Errors are JSON whatever the route answers (FastAPI gives them its media type).
+                    response["content"] = {"application/json": next(iter(response["content"].values()))}
+    for name in FASTAPI_VALIDATION_SCHEMAS:
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema
