@@ -1,6 +1,7 @@
 """Fair share, priorities and per-key limits end to end: real API and worker processes with auth on,
 over HTTP, on a real Redis."""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 FLOOD = 64
 MAX_BATCH = 4
+AGING_S = 1.0
 JOB = {"model": "img", "class_labels": [1], "num_inference_steps": 2}
 
 
@@ -24,12 +26,12 @@ JOB = {"model": "img", "class_labels": [1], "num_inference_steps": 2}
 def keyed(
     redis_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    """API (auth on) + one worker taking at most MAX_BATCH rows per batch."""
+    """API (auth on, low jobs promoted after AGING_S) + one worker taking at most MAX_BATCH rows per batch."""
     with running_service(
         redis_url,
         tmp_path_factory.mktemp("fair"),
         {"img": model_dirs["img"]},
-        {"DIT_AUTH": "on"},
+        {"DIT_AUTH": "on", "DIT_PRIORITY_AGING_S": str(AGING_S)},
         DIT_MAX_BATCH=str(MAX_BATCH),
     ) as svc:
         yield svc
@@ -84,6 +86,20 @@ def test_a_high_job_sent_behind_64_normal_ones_runs_in_the_next_batch(keyed: Ser
     assert _times(redis, high)[2] == first_batch
     # ... and batching across requests stays: it shared that batch with normal jobs.
     assert sum(_times(redis, job_id)[2] == first_batch for job_id in normal) == MAX_BATCH - 1
+
+
+def test_a_low_job_that_waited_past_the_aging_time_takes_its_turn_among_normal_ones(keyed: Service) -> None:
+    a, b = _client(keyed, "busy"), _client(keyed, "patient")
+    redis = Redis.from_url(keyed.redis_url)
+    with paused(keyed.workers[0]):
+        normal = [_post(a) for _ in range(4 * MAX_BATCH)]
+        low = _post(b, priority="low")
+        assert b.get(f"/v1/jobs/{low}").json()["queue_position"] == len(normal)  # behind every normal job
+        time.sleep(AGING_S + 0.2)
+    _wait_all(a, normal)
+    _wait_all(b, [low])
+    first_batch = min((_times(redis, job_id) for job_id in normal), key=lambda times: times[0])[2]
+    assert _times(redis, low)[2] == first_batch  # promoted to normal, with its key's fair turn
 
 
 def test_a_request_gets_at_most_its_keys_priority(keyed: Service) -> None:
