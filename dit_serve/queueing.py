@@ -227,11 +227,12 @@ def dit_queues(redis: Redis) -> list[Queue]:
     return [queue for queue in Queue.all(connection=redis) if queue.name.startswith(QUEUE_PREFIX)]
 
 
-def _collect_into(jobs: list[Job]) -> Callable[..., None]:
-    """An RQ exception handler, handler(job, *exc_info), that only notes the job."""
+def _collect_into(jobs: list[tuple[Job, bool]]) -> Callable[..., None]:
+    """An RQ exception handler, handler(job, *exc_info), that notes the job and whether RQ will requeue
+    it (read now: RQ spends the retry after the handlers)."""
 
     def collect(job: Job, *_exc_info: object) -> None:
-        jobs.append(job)
+        jobs.append((job, bool(job.retries_left)))
 
     return collect
 
@@ -254,15 +255,15 @@ def reap_lost_jobs(
     if not redis.set(REAPER_LOCK_KEY, "1", nx=True, px=REAPER_LOCK_MS):
         return
     for queue in dit_queues(redis):
-        lost: list[Job] = []
+        lost: list[tuple[Job, bool]] = []
         try:
             # RQ calls the handlers once per abandoned job, before it retries or fails the job.
             StartedJobRegistry(queue.name, connection=redis).cleanup(exception_handlers=[_collect_into(lost)])
         except Exception:  # one bad job record must not stop the reaping of the rest
             log.exception("reaping queue %s failed", queue.name)
         model = queue.name.removeprefix(QUEUE_PREFIX)
-        for job in lost:
-            outcome = REAPED_REQUEUED if job.retries_left else REAPED_FAILED
+        for job, requeued in lost:
+            outcome = REAPED_REQUEUED if requeued else REAPED_FAILED
             redis.hincrby(REAPED_KEY, f"{model}|{outcome}", 1)
             log.warning("job %s of %s lost its worker: %s", job.id, model, outcome)
         reconcile(redis, queue.key, queue.name, aging_s)

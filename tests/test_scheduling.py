@@ -6,11 +6,19 @@ import time
 import pytest
 from redis import Redis
 from rq import Queue
+from rq.registry import StartedJobRegistry
 
 from dit_serve.admission import QuotaExceeded, RateLimited, hold_slot, take_token
 from dit_serve.contract import Priority
 from dit_serve.jobs import JobRecord, queue_name, record_key
-from dit_serve.queueing import cancel_job, enqueue_job, queue_position, reap_lost_jobs
+from dit_serve.queueing import (
+    REAPED_KEY,
+    REAPED_REQUEUED,
+    cancel_job,
+    enqueue_job,
+    queue_position,
+    reap_lost_jobs,
+)
 from dit_serve.scheduling import class_key, scheduler_keys
 from tests.test_contract import _request as contract_request
 from worker.queue import JobQueue
@@ -95,12 +103,13 @@ def test_canceled_and_taken_jobs_leave_the_scheduler(redis: Redis) -> None:
 
 def test_a_requeued_job_goes_to_the_front_of_its_class(redis: Redis) -> None:
     _enqueue(redis, "lost")
-    queue = JobQueue(redis, [QUEUE], "w", heartbeat_ttl_s=1, ttl_s=TTL_S)
-    assert [ticket.job_id for ticket in queue.take(QUEUE, 1, "e")] == ["lost"]
+    assert _take(redis, 1) == ["lost"]
     for i in range(5):
         _enqueue(redis, f"n{i}", owner="b")
-    time.sleep(1.5)  # the worker stopped heartbeating
+    # Its worker stopped heartbeating long ago.
+    redis.zadd(StartedJobRegistry(QUEUE, connection=redis).key, {"lost:e": 0})
     reap_lost_jobs(redis)
+    assert redis.hget(REAPED_KEY, f"{MODEL}|{REAPED_REQUEUED}") == b"1"  # it had a retry left
     assert redis.zscore(class_key(QUEUE, Priority.NORMAL), "lost") is not None
     assert _take(redis, 1) == ["lost"]
 
