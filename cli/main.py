@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 
 from cli.keys import add_keys_parser, run_keys
+from cli.soak import add_soak_parser, run_soak_command
 from dit_serve.config import AuthMode, Settings, auth_default, get_settings
 
 WORKER_STOP_TIMEOUT_S = 30.0  # how long `up` lets its worker finish its batch before killing it
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="serve a pipeline directory or hub id as NAME (repeatable; DIT_MODELS as a JSON list)",
         )
     add_keys_parser(commands)
+    add_soak_parser(commands)
     train = commands.add_parser(
         "train", help="retrain a bundled model from its fixed-seed recipe (CPU: minutes)"
     )
@@ -296,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.command == "keys":
         run_keys(args, args.redis_url or get_settings().redis_url)
+        return
+    if args.command == "soak":
+        _setup_logging("info")
+        run_soak_command(args)
         return
     settings = _settings(args)
     if settings.auth is None:  # neither --auth nor DIT_AUTH: the command's default
