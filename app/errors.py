@@ -63,6 +63,10 @@ class Conflict(APIError):
     status, code = 409, "conflict"
 
 
+class Gone(APIError):
+    status, code = 410, "gone"
+
+
 class ServiceUnavailable(APIError):
     status, code = 503, "unavailable"
 

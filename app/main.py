@@ -18,7 +18,8 @@ from app.openapi import install_openapi
 from app.routes import generation, jobs, system
 from dit_serve.config import Settings, get_settings
 from dit_serve.queueing import reap_lost_jobs
-from dit_serve.storage import storage_from_settings
+from dit_serve.retention import SWEEP_BATCH, sweep_expired_jobs
+from dit_serve.storage import Storage, storage_from_settings
 
 log = logging.getLogger(__name__)
 REDIS_TIMEOUT_S = 5.0
@@ -31,6 +32,29 @@ def _reap_forever(redis: Redis, settings: Settings, stop: threading.Event) -> No
             reap_lost_jobs(redis, settings.orphan_timeout_s, settings.job_ttl_s, settings.priority_aging_s)
         except RedisError as exc:
             log.warning("reaper: redis unavailable: %s", exc)
+
+
+def _sweep_forever(redis: Redis, storage: Storage, settings: Settings, stop: threading.Event) -> None:
+    """Delete the records and outputs of jobs past their retention (dit_serve/retention.py).
+
+    A thread of its own: S3 deletes can take a while, and must not hold up the reaper. Every replica
+    runs one; they share the work without ever sweeping a job twice at once.
+    """
+    while not stop.wait(settings.reap_interval_s):
+        try:
+            while not stop.is_set():
+                swept = sweep_expired_jobs(
+                    redis,
+                    storage,
+                    grace_s=settings.expired_grace_s,
+                    delete_outputs=settings.delete_outputs,
+                )
+                if len(swept) < SWEEP_BATCH:
+                    break
+        except RedisError as exc:
+            log.warning("retention sweep: redis unavailable: %s", exc)
+        except Exception:  # a fault in one pass must not end the sweeping for the process' lifetime
+            log.exception("retention sweep failed; retried in %.0f s", settings.reap_interval_s)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -49,6 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         reaper = threading.Thread(target=_reap_forever, args=(redis, settings, stop), daemon=True)
         reaper.start()
+        sweeper = threading.Thread(
+            target=_sweep_forever, args=(redis, app.state.storage, settings, stop), daemon=True
+        )
+        sweeper.start()
         yield
         stop.set()
         redis.close()

@@ -48,6 +48,12 @@ JOB_NOT_FOUND = DocumentedError(
 OUTPUT_NOT_FOUND = DocumentedError(
     404, ("output_not_found",), "the job has no output of that index, or it is gone from storage"
 )
+JOB_EXPIRED = DocumentedError(
+    410,
+    ("job_expired",),
+    "the job ended more than `DIT_JOB_TTL_S` ago, so its record and outputs were deleted; answered "
+    "for `DIT_EXPIRED_GRACE_S` after that, then 404 `job_not_found`",
+)
 JOB_FINISHED = DocumentedError(
     409, ("job_finished",), "the job has already completed, failed or been canceled"
 )

@@ -3,7 +3,7 @@
 from redis import Redis
 
 from app.auth import Caller
-from app.errors import NotFound, ServiceUnavailable
+from app.errors import Gone, NotFound, ServiceUnavailable
 from app.schemas import JobBody, OutputBody
 from dit_serve.contract import JobTooNewError
 from dit_serve.jobs import (
@@ -16,6 +16,7 @@ from dit_serve.jobs import (
     rq_job_key,
 )
 from dit_serve.queueing import queue_position
+from dit_serve.retention import expired_key, parse_expired
 
 RQ_STATUS_FIELD = "status"
 TIME_DECIMALS = 3
@@ -27,13 +28,23 @@ def output_url(job_id: str, index: int) -> str:
 
 def read_record(redis: Redis, job_id: str, caller: Caller | None = None) -> tuple[JobRecord, JobStatus]:
     """The job's typed record and its status; NotFound when either is gone, or when `caller` (if given)
-    may not see the job: the same answer as for a missing job, so ids cannot be probed."""
+    may not see the job: the same answer as for a missing job, so ids cannot be probed. Gone when the
+    retention sweep deleted the job within the grace period (dit_serve/retention.py) and `caller` may
+    see it."""
     with redis.pipeline() as pipe:
         pipe.hgetall(record_key(job_id))
         pipe.hget(rq_job_key(job_id), RQ_STATUS_FIELD)
-        raw, rq_status = pipe.execute()
+        pipe.hgetall(expired_key(job_id))
+        raw, rq_status, marker = pipe.execute()
     missing = NotFound(f"no job {job_id}; jobs are kept for a limited time after they end", "job_not_found")
     if not raw or rq_status is None:
+        expired = parse_expired(marker)
+        if expired is not None and (caller is None or caller.sees(expired.owner)):
+            raise Gone(
+                f"job {job_id} has expired: its record and outputs were deleted after the retention "
+                "period (DIT_JOB_TTL_S) that follows the end of a job",
+                "job_expired",
+            )
         raise missing
     if caller is not None and not caller.sees(_owner(raw)):
         raise missing

@@ -108,8 +108,13 @@ class Settings(BaseSettings):
     priority_aging_s: float = Field(DEFAULT_AGING_S, ge=0)
     # A queued job whose model has had no live worker for this long fails with no_worker.
     orphan_timeout_s: float = Field(300.0, gt=0)
-    # How long finished, failed and canceled jobs (and their records) stay visible.
-    job_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # Retention (dit_serve/retention.py): an ended job, its records and its outputs are deleted this
+    # long after it ended (under a minute only makes sense in tests)...
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    # ... then its id answers 410 job_expired for this long (0: 404 at once), then 404 job_not_found.
+    expired_grace_s: int = Field(7 * 24 * 3600, ge=0)
+    # False: the sweep deletes records only, and outputs are left to a bucket lifecycle rule.
+    delete_outputs: bool = True
     # The API refuses a request body larger than this (413 body_too_large) without reading it all.
     max_body_bytes: int = Field(64 * 1024, ge=1)
     log_level: str = "info"

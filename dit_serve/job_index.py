@@ -1,10 +1,11 @@
 """The index behind `GET /v1/jobs`: job ids in sorted sets scored by creation time, newest last.
 
 One set holds every job (`dit:jobs:all`, what admins and an API without auth list) and one per API key
-(`dit:jobs:owner:<name>`). A job's record expires `job_ttl_s` after it ends, so an entry older than
-that plus INDEX_SLACK_S (room for jobs that queued and ran long) cannot point at a live record: the
-enqueue that adds an entry also drops those and sets the set to expire with its newest job. Entries
-whose record expired sooner are skipped, and dropped, when a listing meets them.
+(`dit:jobs:owner:<name>`). The retention sweep (dit_serve/retention.py) drops a job's entries when it
+deletes the job, `job_ttl_s` after the job ended. As a backstop, an entry older than that plus
+INDEX_SLACK_S (room for jobs that queued and ran long) cannot point at a live record: the enqueue that
+adds an entry also drops those and sets the set to expire with its newest job. Entries whose record is
+gone otherwise are skipped, and dropped, when a listing meets them.
 """
 
 from collections.abc import Iterator

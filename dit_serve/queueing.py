@@ -31,6 +31,7 @@ from dit_serve.jobs import (
     rq_job_key,
     wake_key,
 )
+from dit_serve.retention import RETENTION_KEY, record_ttl_s, retain
 from dit_serve.scheduling import (
     DEFAULT_AGING_S,
     UNSCHEDULE_LUA,
@@ -55,8 +56,9 @@ DEFAULT_TTL_S = 7 * 24 * 3600
 DEADLINES_KEY = f"{KEY_PREFIX}:deadlines"  # sorted set: job id -> unix time it must have started by
 EXPIRED_BATCH = 500  # jobs past their deadline looked at per reaping pass
 
-# KEYS: rq job, our record, the queue list, the canceled registry, the job's ended list, then
-# scheduler_keys(queue). ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl.
+# KEYS: rq job, our record, the queue list, the canceled registry, the job's ended list, the retention
+# set, then scheduler_keys(queue). ARGV: job id, RQ timestamp string, expiry (the registry's and the
+# retention set's score), unix now, the records' TTL (dit_serve/retention.py).
 _CANCEL_SCRIPT = (
     UNSCHEDULE_LUA
     + """
@@ -64,9 +66,10 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status == 'queued' or status == 'scheduled' or status == 'deferred' or status == 'created' then
   redis.call('LREM', KEYS[3], 0, ARGV[1])
-  unschedule(5, ARGV[1])
+  unschedule(6, ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', ARGV[2])
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+  redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
   redis.call('HSET', KEYS[2], 'completed_at', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -82,17 +85,18 @@ return status
 )
 
 # Fail a job that is still queued (and only then), as no worker will ever take it.
-# KEYS: rq job, our record, the queue list, the failed registry, the job's ended list, then
-# scheduler_keys(queue). ARGV: job id, RQ timestamp string, registry score (expiry), unix now, ttl,
-# error JSON.
+# KEYS: rq job, our record, the queue list, the failed registry, the job's ended list, the retention
+# set, then scheduler_keys(queue). ARGV: job id, RQ timestamp string, expiry (the registry's and the
+# retention set's score), unix now, the records' TTL, error JSON.
 _FAIL_QUEUED_SCRIPT = (
     UNSCHEDULE_LUA
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 redis.call('LREM', KEYS[3], 0, ARGV[1])
-unschedule(5, ARGV[1])
+unschedule(6, ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'failed', 'ended_at', ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[2], 'completed_at', ARGV[4], 'error', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -202,9 +206,10 @@ def cancel_job(redis: Redis, job_id: str, model: str, ttl_s: int) -> CancelOutco
             queue.key,
             canceled.key,
             ended_key(job_id),
+            RETENTION_KEY,
             *scheduler_keys(name),
         ],
-        args=[job_id, rq_timestamp(now), now + ttl_s, now, ttl_s],
+        args=[job_id, rq_timestamp(now), now + ttl_s, now, record_ttl_s(ttl_s)],
     )
     return result.decode() if isinstance(result, bytes) else str(result)
 
@@ -265,6 +270,10 @@ def reap_lost_jobs(
         for job, requeued in lost:
             outcome = REAPED_REQUEUED if requeued else REAPED_FAILED
             redis.hincrby(REAPED_KEY, f"{model}|{outcome}", 1)
+            if not requeued:  # failed worker_lost: it has ended
+                with redis.pipeline() as pipe:
+                    retain(pipe, job.id, ttl_s)
+                    pipe.execute()
             log.warning("job %s of %s lost its worker: %s", job.id, model, outcome)
         reconcile(redis, queue.key, queue.name, aging_s)
     fail_expired_jobs(redis, ttl_s)
@@ -281,9 +290,17 @@ def fail_queued_job(redis: Redis, queue: str, job_id: str, error: JobError, ttl_
         Queue(queue, connection=redis).key,
         FailedJobRegistry(queue, connection=redis).key,
         ended_key(job_id),
+        RETENTION_KEY,
         *scheduler_keys(queue),
     ]
-    args: list[str | float] = [job_id, rq_timestamp(now), now + ttl_s, now, ttl_s, error.model_dump_json()]
+    args: list[str | float] = [
+        job_id,
+        rq_timestamp(now),
+        now + ttl_s,
+        now,
+        record_ttl_s(ttl_s),
+        error.model_dump_json(),
+    ]
     return bool(redis.register_script(_FAIL_QUEUED_SCRIPT)(keys=keys, args=args))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -33,6 +34,7 @@ S3_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 30
 S3_MAX_ATTEMPTS = 3
+S3_LIST_PAGE = 1000  # keys per ListObjectsV2 page; DeleteObjects takes at most 1000 keys, one page
 
 BACKENDS = ("local", "s3")
 
@@ -65,6 +67,11 @@ class Storage(Protocol):
         """Delete the object under key; no error if it is missing."""
         ...
 
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object whose key starts with prefix (a "directory", ending in "/"); no error
+        if there is none."""
+        ...
+
     def check(self) -> None:
         """Raise a clear error if the store is not usable (called at start-up)."""
         ...
@@ -84,6 +91,15 @@ def validate_key(key: str) -> str:
     if key.endswith("/"):
         raise ValueError(f"storage key must name an object, not a directory: {key!r}")
     return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return prefix if it is a safe relative "directory" ending in "/" (so "jobs/a/" never matches
+    "jobs/ab/..."), else raise ValueError."""
+    if not isinstance(prefix, str) or not prefix.endswith("/") or prefix.strip("/") == "":
+        raise ValueError(f"storage prefix must be a non-empty directory ending in '/', got {prefix!r}")
+    validate_key(prefix.rstrip("/"))
+    return prefix
 
 
 def _check_data(key: str, data: bytes) -> None:
@@ -144,6 +160,15 @@ class LocalStorage:
         """Remove the file for key if present."""
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.path_for(key).unlink()
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove the directory for prefix and everything under it (temporary files too), if present."""
+        directory = self.root.joinpath(*PurePosixPath(validate_prefix(prefix)).parts)
+        # Another sweeper may be removing it too: a first pass ignores files already gone, and a
+        # second one, only if something is left, raises what stopped the first (permissions).
+        shutil.rmtree(directory, ignore_errors=True)
+        if directory.exists():
+            shutil.rmtree(directory)
 
     def check(self) -> None:
         """Create the root if needed and prove it is writable by writing and removing a probe file."""
@@ -260,6 +285,27 @@ class S3Storage:
         """Delete the object; S3 does not complain if it is missing."""
         self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
 
+    def delete_prefix(self, prefix: str) -> None:
+        """List the objects under prefix and delete them, one DeleteObjects call per listed page.
+
+        Raises RuntimeError naming the first key S3 refused to delete (the call itself succeeds).
+        """
+        object_prefix = self.object_key(validate_prefix(prefix).rstrip("/")) + "/"
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=object_prefix, PaginationConfig={"PageSize": S3_LIST_PAGE}
+        )
+        for page in pages:
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if not keys:
+                continue
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+            if errors := answer.get("Errors"):
+                first = errors[0]
+                raise RuntimeError(
+                    f"S3 refused to delete {len(errors)} objects under s3://{self.bucket}/{object_prefix}, "
+                    f"first {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                )
+
     def check(self) -> None:
         """HeadBucket; raise RuntimeError naming the bucket and endpoint if it fails."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -308,6 +354,11 @@ def output_key(job_id: str, index: int, extension: str) -> str:
     if index < 0:
         raise ValueError(f"output index must be >= 0, got {index}")
     return f"jobs/{job_id}/{index}.{extension.lstrip('.')}"
+
+
+def output_prefix(job_id: str) -> str:
+    """Return the prefix every output key of a job starts with, e.g. "jobs/<job_id>/"."""
+    return output_key(job_id, 0, "x").rsplit("/", 1)[0] + "/"
 
 
 def storage_from_settings(settings: Settings) -> Storage:

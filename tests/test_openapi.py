@@ -19,9 +19,9 @@ ERROR_STATUSES = {
     ("post", "/v1/images"): SUBMISSION,
     ("post", "/v1/videos"): SUBMISSION,
     ("get", "/v1/jobs"): NEEDS_A_KEY | {422},
-    ("get", "/v1/jobs/{job_id}"): NEEDS_A_KEY | {404, 422},
-    ("delete", "/v1/jobs/{job_id}"): NEEDS_A_KEY | {404, 409},
-    ("get", "/v1/jobs/{job_id}/outputs/{index}"): NEEDS_A_KEY | {404, 422},
+    ("get", "/v1/jobs/{job_id}"): NEEDS_A_KEY | {404, 410, 422},
+    ("delete", "/v1/jobs/{job_id}"): NEEDS_A_KEY | {404, 409, 410},
+    ("get", "/v1/jobs/{job_id}/outputs/{index}"): NEEDS_A_KEY | {404, 410, 422},
     ("get", "/v1/models"): NEEDS_A_KEY,
     ("get", "/healthz"): EVERY_ROUTE,
     ("get", "/readyz"): EVERY_ROUTE | {503},
@@ -65,6 +65,17 @@ def test_401_names_the_scheme_and_429_the_limits_and_retry_after(schema: dict[st
         assert f"`{code}`" in submission["422"]["description"]
     idempotency = schema["paths"]["/v1/images"]["post"]["parameters"]
     assert [parameter["name"] for parameter in idempotency] == ["Idempotency-Key"]
+
+
+def test_the_job_routes_say_when_an_expired_job_is_a_410(schema: dict[str, Any]) -> None:
+    paths = schema["paths"]
+    for operation in (
+        paths["/v1/jobs/{job_id}"]["get"],
+        paths["/v1/jobs/{job_id}"]["delete"],
+        paths["/v1/jobs/{job_id}/outputs/{index}"]["get"],
+    ):
+        assert "`job_expired`" in operation["responses"]["410"]["description"]
+        assert "DIT_EXPIRED_GRACE_S" in operation["responses"]["410"]["description"]
 
 
 def test_routes_that_answer_401_need_the_bearer_key_and_health_stays_open(schema: dict[str, Any]) -> None:

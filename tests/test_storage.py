@@ -17,6 +17,7 @@ from dit_serve.storage import (
     Storage,
     make_storage,
     output_key,
+    output_prefix,
 )
 from tests.conftest import BUCKET, REGION
 
@@ -53,6 +54,30 @@ def test_local_put_leaves_no_temp_files(tmp_path: Path) -> None:
     for index in range(3):
         storage.put(output_key("job", index, "png"), bytes([index + 1]) * 100, PNG_TYPE)
     assert _files(tmp_path) == ["jobs/job/0.png", "jobs/job/1.png", "jobs/job/2.png"]
+
+
+def test_local_delete_prefix_removes_one_jobs_outputs_only(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    for job_id, count in (("ab", 3), ("abc", 1)):
+        for index in range(count):
+            storage.put(output_key(job_id, index, "png"), b"x", PNG_TYPE)
+    (tmp_path / "jobs" / "ab" / ".tmp-left-by-a-crash.part").write_bytes(b"partial")
+    assert output_key("ab", 2, "png").startswith(output_prefix("ab")) and output_prefix("ab") == "jobs/ab/"
+    storage.delete_prefix(output_prefix("ab"))
+    assert _files(tmp_path) == ["jobs/abc/0.png"]  # "jobs/ab/" is a directory, not "jobs/ab*"
+    storage.delete_prefix(output_prefix("ab"))  # already gone: no error
+    storage.delete_prefix("never/written/")
+    for bad in ("jobs/ab", "", "/", "../jobs/", "/abs/"):
+        with pytest.raises(ValueError):
+            storage.delete_prefix(bad)
+
+
+def test_local_delete_prefix_raises_what_it_cannot_delete(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "j").write_bytes(b"a file where the job's directory should be")
+    with pytest.raises(NotADirectoryError):  # not swallowed: the sweep logs it and tries again later
+        storage.delete_prefix("jobs/j/")
 
 
 def test_local_stored_file_is_readable_by_others(tmp_path: Path) -> None:
@@ -183,6 +208,25 @@ def test_s3_round_trip_with_prefix(moto_endpoint: str) -> None:
     storage.delete(key)  # missing: no error
     with pytest.raises(OutputNotFoundError):
         storage.get(key)
+
+
+def test_s3_delete_prefix_pages_through_one_jobs_objects_only(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dit_serve.storage.S3_LIST_PAGE", 2)  # several pages, one DeleteObjects each
+    storage = S3Storage(BUCKET, prefix="sweep", endpoint_url=moto_endpoint, region=REGION)
+    for job_id, count in (("ab", 5), ("abc", 1)):
+        for index in range(count):
+            storage.put(output_key(job_id, index, "png"), b"x", PNG_TYPE)
+    storage.delete_prefix(output_prefix("ab"))
+    raw = boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION)
+    left = raw.list_objects_v2(Bucket=BUCKET, Prefix="sweep/").get("Contents", [])
+    assert [item["Key"] for item in left] == ["sweep/jobs/abc/0.png"]
+    storage.delete_prefix(output_prefix("ab"))  # nothing left: no error
+    storage.delete_prefix(output_prefix("abc"))
+    assert raw.list_objects_v2(Bucket=BUCKET, Prefix="sweep/").get("KeyCount") == 0
+    with pytest.raises(ValueError):
+        storage.delete_prefix("jobs/ab")
 
 
 def test_s3_explicit_credentials_and_no_prefix(moto_endpoint: str) -> None:

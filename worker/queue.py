@@ -29,6 +29,7 @@ from dit_serve.jobs import (
     wake_key,
 )
 from dit_serve.queueing import fail_expired_jobs, rq_timestamp
+from dit_serve.retention import RETENTION_KEY, record_ttl_s
 from dit_serve.scheduling import FAIR_TAG_LUA, UNSCHEDULE_LUA, scheduler_keys
 from worker.batching import JobHandle, JobTicket
 
@@ -39,11 +40,12 @@ LOOKAHEAD = 256  # queued jobs looked at per priority class and take
 # Jobs are read in the scheduler's order (dit_serve/scheduling.py): the high, normal and low sets in
 # turn, each by fair-share tag. First, low jobs due for promotion move to normal with a fair tag.
 # KEYS: queue list, StartedJobRegistry, CanceledJobRegistry, then scheduler_keys(queue): the high,
-#       normal and low sets (4-6), tags (7), aging (8).
+#       normal and low sets (4-6), tags (7), aging (8); then the retention set (9).
 # ARGV: max samples, lookahead, compat ('' = any), RQ now, heartbeat deadline, worker name,
 #       execution id, unix now, rq job key prefix, record key prefix, ttl seconds, newest job schema
-#       this worker reads. Returns {taken ids, ids left queued because their schema is newer, ids left
-#       queued because their deadline has passed (never started: the reaper fails them)}.
+#       this worker reads, the records' TTL once ended (dit_serve/retention.py). Returns {taken ids,
+#       ids left queued because their schema is newer, ids left queued because their deadline has
+#       passed (never started: the reaper fails them)}.
 _TAKE_SCRIPT = (
     UNSCHEDULE_LUA
     + FAIR_TAG_LUA
@@ -92,7 +94,10 @@ for class = 1, 3 do
         redis.call('LREM', KEYS[1], 0, id)
         redis.call('HSET', job_key, 'status', 'canceled', 'ended_at', ARGV[4])
         redis.call('ZADD', KEYS[3], now + tonumber(ARGV[11]), id)
+        redis.call('ZADD', KEYS[9], now + tonumber(ARGV[11]), id)
         redis.call('HSET', rec_key, 'completed_at', ARGV[8])
+        redis.call('EXPIRE', job_key, ARGV[13])
+        redis.call('EXPIRE', rec_key, ARGV[13])
       elseif rec[1] and samples and (compat == '' or rec[1] == compat)
           and (total == 0 or total + samples <= max_samples) then
         compat = rec[1]
@@ -119,14 +124,16 @@ return {taken, too_new, expired}
 )
 
 # Settle a held job: only if it is still started and still ours (a reaped and requeued job is not).
-# KEYS: rq job, record, StartedJobRegistry, target registry, the job's ended list.
-# ARGV: job id, execution id, RQ status, RQ now, registry score, unix now, ttl, then field/value pairs.
+# KEYS: rq job, record, StartedJobRegistry, target registry, the job's ended list, the retention set.
+# ARGV: job id, execution id, RQ status, RQ now, expiry (the registries' and the retention set's
+# score), unix now, the records' TTL (dit_serve/retention.py), then field/value pairs.
 _SETTLE_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'started' or redis.call('HGET', KEYS[2], 'execution') ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[1] .. ':' .. ARGV[2])
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'ended_at', ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
 redis.call('HSET', KEYS[2], 'completed_at', ARGV[6])
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
@@ -173,6 +180,7 @@ class JobQueue:
                 self._started(queue).key,
                 CanceledJobRegistry(queue, connection=self.redis).key,
                 *scheduler_keys(queue),
+                RETENTION_KEY,
             ],
             args=[
                 max_samples,
@@ -187,6 +195,7 @@ class JobQueue:
                 record_key(""),
                 self.ttl_s,
                 SCHEMA_VERSION,
+                record_ttl_s(self.ttl_s),
             ],
         )
         self._tell_too_new(queue, [job_id.decode() for job_id in newer])
@@ -257,6 +266,7 @@ class JobQueue:
                 self._started(ticket.queue).key,
                 registry_key,
                 ended_key(ticket.job_id),
+                RETENTION_KEY,
             ],
             args=[
                 ticket.job_id,
@@ -265,7 +275,7 @@ class JobQueue:
                 rq_timestamp(now),
                 now + self.ttl_s,
                 now,
-                self.ttl_s,
+                record_ttl_s(self.ttl_s),
                 *pairs,
             ],
         )

@@ -12,7 +12,7 @@ from redis import Redis
 
 from app.auth import Caller, CallerDep, get_caller
 from app.deps import RedisDep, SettingsDep, require_json
-from app.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
+from app.errors import Conflict, Gone, InvalidRequest, NotFound, TooManyRequests
 from app.openapi import SUBMISSION_PARAMETERS, SUBMISSION_RESPONSES
 from app.schemas import ImageRequest, JobBody, VideoRequest
 from app.submission import choose_model, new_job_id, normalise
@@ -152,6 +152,12 @@ def _replayed(redis: Redis, job_id: str) -> JobBody:
     while True:
         try:
             return job_body(redis, job_id)
+        except Gone as exc:  # possible when DIT_JOB_TTL_S is shorter than the key's 24 h
+            raise Conflict(
+                f"{IDEMPOTENCY_HEADER} created job {job_id}, which has expired since; use a new key for "
+                "a new request",
+                "idempotency_key_reused",
+            ) from exc
         except NotFound:
             if time.monotonic() > deadline:
                 raise Conflict(

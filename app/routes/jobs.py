@@ -12,10 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.auth import CallerDep
 from app.deps import RedisDep, SettingsDep, StorageDep
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import Conflict, Gone, InvalidRequest, NotFound
 from app.openapi import (
     INVALID_CURSOR,
     INVALID_PARAMETER,
+    JOB_EXPIRED,
     JOB_FINISHED,
     JOB_NOT_FOUND,
     JOB_SCHEMA_TOO_NEW,
@@ -58,7 +59,7 @@ def list_jobs(
         for job_id in newest_ids(redis, key, after):
             try:
                 body = job_body(redis, job_id, caller)
-            except NotFound:
+            except (NotFound, Gone):  # the sweep drops the entries of the jobs it deletes, but races it
                 expired.append(job_id)
                 continue
             if status is not None and body.status != JobStatus(status):
@@ -80,7 +81,9 @@ MAX_WAIT_S = 60.0
 WAIT_SLICE_S = 1.0  # look at the job again at least this often while waiting (a reaped job signals nothing)
 
 
-@router.get("/{job_id}", responses=error_responses(*READ_ERRORS, JOB_NOT_FOUND, INVALID_PARAMETER))
+@router.get(
+    "/{job_id}", responses=error_responses(*READ_ERRORS, JOB_NOT_FOUND, JOB_EXPIRED, INVALID_PARAMETER)
+)
 async def get_job(
     job_id: str,
     request: Request,
@@ -107,7 +110,7 @@ async def get_job(
     response_class=Response,
     responses={
         200: {"description": "the output's bytes", "content": OUTPUT_CONTENT},
-        **error_responses(*READ_ERRORS, JOB_NOT_FOUND, OUTPUT_NOT_FOUND, INVALID_PARAMETER),
+        **error_responses(*READ_ERRORS, JOB_NOT_FOUND, JOB_EXPIRED, OUTPUT_NOT_FOUND, INVALID_PARAMETER),
     },
 )
 def get_output(job_id: str, index: int, redis: RedisDep, storage: StorageDep, caller: CallerDep) -> Response:
@@ -124,7 +127,7 @@ def get_output(job_id: str, index: int, redis: RedisDep, storage: StorageDep, ca
     "/{job_id}",
     responses={
         202: {"model": JobBody, "description": "the job was running: it stops at its next denoising step"},
-        **error_responses(*READ_ERRORS, JOB_NOT_FOUND, JOB_FINISHED),
+        **error_responses(*READ_ERRORS, JOB_NOT_FOUND, JOB_EXPIRED, JOB_FINISHED),
     },
 )
 def cancel(
