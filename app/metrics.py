@@ -27,14 +27,8 @@ from dit_serve.catalog import live_workers, served_models
 from dit_serve.contract import JobKind
 from dit_serve.jobs import RecordField, queue_name, record_key
 from dit_serve.metrics import HTTP_SECONDS_BUCKETS
-from dit_serve.queueing import (
-    QUEUE_PREFIX,
-    REAPED_FAILED,
-    REAPED_KEY,
-    REAPED_ORPHANED,
-    REAPED_REQUEUED,
-    dit_queues,
-)
+from dit_serve.queueing import QUEUE_PREFIX, dit_queues
+from dit_serve.reaping import REAPED_FAILED, REAPED_KEY, REAPED_ORPHANED, REAPED_REQUEUED, REAPED_TIMED_OUT
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +60,7 @@ REJECTION_REASONS = (
 )
 # What a cancel that took did (dit_serve.queueing.cancel_job), and what the reaper did with a lost job.
 CANCEL_OUTCOMES = ("canceled", "cancel_requested")
-REAPED_OUTCOMES = (REAPED_REQUEUED, REAPED_FAILED, REAPED_ORPHANED)
+REAPED_OUTCOMES = (REAPED_REQUEUED, REAPED_FAILED, REAPED_TIMED_OUT, REAPED_ORPHANED)
 
 
 class ClusterCollector(Collector):
@@ -91,7 +85,8 @@ class ClusterCollector(Collector):
         reaped = CounterMetricFamily(
             "dit_jobs_reaped",
             "Jobs reaped: requeued or failed (worker_lost) when their worker stopped heartbeating, "
-            "or failed (no_worker) when queued with no live worker for their model",
+            "timed_out (timeout) when they ran alone past their ceiling, "
+            "or orphaned (no_worker) when queued with no live worker for their model",
             labels=["model", "outcome"],
         )
         try:

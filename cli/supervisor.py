@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -43,13 +43,13 @@ def describe_exit(returncode: int) -> str:
 class WorkerRun:
     """One start of the worker process; its stderr is copied to ours, and its last line kept."""
 
-    def __init__(self, name: str, env: dict[str, str]):
+    def __init__(self, name: str, env: dict[str, str], command: Sequence[str]):
         self.name = name
         self.started = time.monotonic()
         # Its own process group: a Ctrl-C in the terminal reaches `up` alone, which stops the
         # worker after the API and before Redis, rather than everything at once.
         self.process = subprocess.Popen(
-            WORKER_COMMAND, env={**env, "DIT_WORKER_NAME": name}, stderr=subprocess.PIPE, process_group=0
+            list(command), env={**env, "DIT_WORKER_NAME": name}, stderr=subprocess.PIPE, process_group=0
         )
         self.last_line = ""
         self._copier = threading.Thread(target=self._copy_stderr, name=f"stderr-{name}", daemon=True)
@@ -80,15 +80,24 @@ class WorkerRun:
 class WorkerSupervisor:
     """Keeps one worker running for `up`, from a thread; `failure` says why it gave up, if it did."""
 
-    def __init__(self, env: dict[str, str], redis_url: str, name_base: str, on_failure: Callable[[], None]):
+    def __init__(
+        self,
+        env: dict[str, str],
+        redis_url: str,
+        name_base: str,
+        on_failure: Callable[[], None],
+        command: Sequence[str] | None = None,
+    ):
         """Args:
         env: the worker's environment (the settings as DIT_* variables).
         redis_url: where the worker registers; its registration tells that it is serving.
         name_base: each start is named `{name_base}.{n}`: RQ refuses, for up to 90 s, the name
             of a worker that died without registering its death.
         on_failure: called from the supervising thread when it gives up (`up` stops its API).
+        command: how to start a worker; WORKER_COMMAND (`dit-serve worker`) when None.
         """
         self.env = env
+        self.command = command
         self.redis = Redis.from_url(redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
         self.name_base = name_base
         self.on_failure = on_failure
@@ -163,7 +172,8 @@ class WorkerSupervisor:
             if self._stopping.is_set():
                 return None
             self._starts += 1
-            self._run = WorkerRun(f"{self.name_base}.{self._starts}", self.env)
+            command = WORKER_COMMAND if self.command is None else self.command
+            self._run = WorkerRun(f"{self.name_base}.{self._starts}", self.env, command)
             self.pids.append(self._run.process.pid)
             if self._starts > 1:
                 log.warning("restarted the worker: pid %d", self._run.process.pid)

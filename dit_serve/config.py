@@ -10,6 +10,9 @@ from dit_serve.metrics import DEFAULT_WORKER_METRICS_PORT
 from dit_serve.scheduling import DEFAULT_AGING_S
 
 ENV_PREFIX = "DIT_"
+# How long the reference job (one 512x512 image of 50 steps, worker/watchdog.py) may sample before its
+# worker counts as hung; a batch's ceiling scales with its cost. Generous: it catches hangs, not slowness.
+DEFAULT_JOB_TIMEOUT_S = 600.0
 
 
 class Device(StrEnum):
@@ -96,12 +99,16 @@ class Settings(BaseSettings):
     metrics_port: int = Field(DEFAULT_WORKER_METRICS_PORT, ge=0, le=65535)
     worker_metrics_url: str | None = None
 
-    # Crash safety: a held job whose heartbeat is older than heartbeat_ttl_s goes back to the queue
-    # (at most job_retries times) or fails with worker_lost. ttl + reap interval must stay under 60 s.
+    # Crash safety: a held job whose heartbeat is older than heartbeat_ttl_s goes back to the queue, or
+    # fails with worker_lost (dit_serve/reaping.py: a death while the job ran alone spends one of its
+    # job_retries). ttl + reap interval must stay under 60 s.
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_ttl_s: int = Field(30, ge=2)
     reap_interval_s: float = Field(5.0, gt=0)
     job_retries: int = Field(2, ge=0, le=10)
+    # Hung work: a batch sampling longer than this × its cost over the reference job's (at least this)
+    # is given up, and its worker exits for its supervisor to restart (worker/watchdog.py).
+    job_timeout_s: float = Field(DEFAULT_JOB_TIMEOUT_S, gt=0)
     # Admission: at most this many jobs wait in one model's queue (0: no cap); more get 429 queue_full.
     max_queue_depth: int = Field(1000, ge=0)
     # A low-priority job that has waited this long is taken as a normal one (aging; 0: never).

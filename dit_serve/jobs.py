@@ -65,6 +65,18 @@ class RecordField(StrEnum):
     DEADLINE = "deadline"  # unix time by which the job must have started (queue_timeout_s), if any
     OWNER = "owner"  # name of the API key that created the job; absent when auth was off
     PRIORITY = "priority"  # the request's priority class, for the scheduler (dit_serve/scheduling.py)
+    # Poison isolation (dit_serve/reaping.py): how many jobs the sampling run that holds the job has
+    # (1: it runs alone; 0: held, waiting for its turn), how many times a worker died holding it, and
+    # "1" when it may only be taken alone (it was held by two dead workers, or timed out in a batch).
+    BATCH_JOBS = "batch_jobs"
+    DEATHS = "deaths"
+    SOLO = "solo"
+
+
+def rq_timestamp(unix: float | None = None) -> str:
+    """The UTC timestamp format RQ stores in job hashes."""
+    unix = time.time() if unix is None else unix
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix)) + f".{int(unix % 1 * 1e6):06d}Z"
 
 
 def record_key(job_id: str) -> str:
@@ -132,6 +144,8 @@ class JobRecord(BaseModel):
     worker: str | None = None
     attempts: int = 0
     owner: str | None = None  # the creating API key's name; None when auth is off
+    deaths: int = 0  # how many times a worker died while holding the job
+    solo: bool = False  # taken only alone from now on
 
     @property
     def kind(self) -> JobKind:
@@ -199,6 +213,8 @@ class JobRecord(BaseModel):
             worker=fields.get(RecordField.WORKER),
             attempts=int(fields.get(RecordField.ATTEMPTS) or 0),
             owner=fields.get(RecordField.OWNER),
+            deaths=int(fields.get(RecordField.DEATHS) or 0),
+            solo=fields.get(RecordField.SOLO) == "1",
         )
 
 
@@ -216,6 +232,8 @@ STORAGE_FAILED = "storage_failed"
 INVALID_JOB = "invalid_job"  # a record this worker cannot read (damaged); a newer one is left queued
 NO_WORKER = "no_worker"  # failed by the reaper: no live worker has served its model for too long
 QUEUE_TIMEOUT = "queue_timeout"  # not started within the request's queue_timeout_s
+TIMEOUT = "timeout"  # ran past its ceiling (DIT_JOB_TIMEOUT_S scaled by its cost) while it ran alone
+WORKER_LOST_CODE = "worker_lost"
 
 # What a client is told when a worker fails its job: a fixed message per code that says what to do.
 # Never the exception's text, the host, the worker or its pid: the worker logs those with the job id.
@@ -241,8 +259,23 @@ INVALID_JOB_ERROR = JobError(
     ),
 )
 
-# An RQ job that failed without our error record was failed by RQ's abandoned-job cleanup.
+TIMEOUT_ERROR = JobError(
+    code=TIMEOUT,
+    message=(
+        "the job ran alone past its time limit (DIT_JOB_TIMEOUT_S, scaled by its steps, size, frames "
+        "and outputs), so its worker was restarted; it was logged on the worker with the job id. Retry "
+        "with fewer steps, a smaller size or fewer frames; if it keeps happening, the operator should "
+        "check the worker's device or raise DIT_JOB_TIMEOUT_S"
+    ),
+)
+
+# Failed by the reapers (dit_serve/reaping.py); also what the API shows for a job RQ's own abandoned-job
+# cleanup failed, which writes no error record.
 WORKER_LOST = JobError(
-    code="worker_lost",
-    message="The worker running this job stopped (crashed or was killed) and the job had no retries left.",
+    code=WORKER_LOST_CODE,
+    message=(
+        "the worker running this job stopped (crashed or was killed) while the job ran alone, and the "
+        "job had no retries left: the job itself may be what stops it. Retry it, with other "
+        "parameters if it fails again; the operator can find the worker's last log lines by the job id"
+    ),
 )

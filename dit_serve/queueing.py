@@ -1,17 +1,17 @@
 """Queue operations shared by the API and the workers: enqueue, cancel, and reaping lost jobs.
 
+The reaping policy itself (who is requeued, who fails) is dit_serve/reaping.py.
+
 Every state change that must not race a worker is one Lua script, so it is atomic in Redis.
 """
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Literal
 
 from redis import Redis
 from rq import Queue, Retry
-from rq.job import Job
-from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
 
 from dit_serve.admission import hold_slot
 from dit_serve.catalog import served_until
@@ -29,9 +29,11 @@ from dit_serve.jobs import (
     queue_name,
     record_key,
     rq_job_key,
+    rq_timestamp,
     wake_key,
 )
-from dit_serve.retention import RETENTION_KEY, record_ttl_s, retain
+from dit_serve.reaping import REAPED_KEY, REAPED_ORPHANED, REAPED_REQUEUED, reap_started
+from dit_serve.retention import RETENTION_KEY, record_ttl_s
 from dit_serve.scheduling import (
     DEFAULT_AGING_S,
     UNSCHEDULE_LUA,
@@ -48,10 +50,6 @@ QUEUE_PREFIX = queue_name("")
 MAX_WAKE_TOKENS = 64
 REAPER_LOCK_KEY = f"{KEY_PREFIX}:reaper-lock"
 REAPER_LOCK_MS = 1000  # at most one reaping pass per second across all processes
-# Jobs whose worker stopped heartbeating, counted per "<model>|<outcome>" (the API exports them).
-REAPED_KEY = f"{KEY_PREFIX}:stats:reaped"
-REAPED_REQUEUED, REAPED_FAILED = "requeued", "failed"
-REAPED_ORPHANED = "orphaned"  # queued, and failed with no_worker: no live worker for its model
 DEFAULT_TTL_S = 7 * 24 * 3600
 DEADLINES_KEY = f"{KEY_PREFIX}:deadlines"  # sorted set: job id -> unix time it must have started by
 EXPIRED_BATCH = 500  # jobs past their deadline looked at per reaping pass
@@ -118,12 +116,6 @@ return 0
 ORPHAN_SCAN = 1000  # queued jobs looked at per queue and pass
 
 CancelOutcome = Literal["canceled", "cancel_requested", "missing"] | str
-
-
-def rq_timestamp(unix: float | None = None) -> str:
-    """The UTC timestamp format RQ stores in job hashes."""
-    unix = time.time() if unix is None else unix
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix)) + f".{int(unix % 1 * 1e6):06d}Z"
 
 
 class QueueFullError(Exception):
@@ -232,14 +224,12 @@ def dit_queues(redis: Redis) -> list[Queue]:
     return [queue for queue in Queue.all(connection=redis) if queue.name.startswith(QUEUE_PREFIX)]
 
 
-def _collect_into(jobs: list[tuple[Job, bool]]) -> Callable[..., None]:
-    """An RQ exception handler, handler(job, *exc_info), that notes the job and whether RQ will requeue
-    it (read now: RQ spends the retry after the handlers)."""
-
-    def collect(job: Job, *_exc_info: object) -> None:
-        jobs.append((job, bool(job.retries_left)))
-
-    return collect
+def wake_workers(redis: Redis, queue: str) -> None:
+    """Tell idle workers of `queue` that a job is there (they block on this list, see worker/queue.py)."""
+    with redis.pipeline() as pipe:
+        pipe.lpush(wake_key(queue), "1")
+        pipe.ltrim(wake_key(queue), 0, MAX_WAKE_TOKENS - 1)
+        pipe.execute()
 
 
 def reap_lost_jobs(
@@ -248,34 +238,31 @@ def reap_lost_jobs(
     ttl_s: int = DEFAULT_TTL_S,
     aging_s: float = DEFAULT_AGING_S,
 ) -> None:
-    """Requeue (or fail, when out of retries) jobs whose worker stopped heartbeating.
+    """Requeue, or fail with `worker_lost`, the jobs whose worker stopped heartbeating.
 
-    RQ's own `StartedJobRegistry.cleanup` does exactly this for expired entries, but RQ only runs it
-    inside a worker's maintenance every 10 minutes; the API and every dit-serve worker call this
-    every few seconds, so a lost job is back in the queue within heartbeat_ttl_s + reap_interval_s.
-    Requeued jobs go to the front of their priority class (dit_serve/scheduling.reconcile). With
-    `orphan_timeout_s`, queued jobs that no live worker can take also fail (fail_orphaned_jobs).
+    RQ runs its own `StartedJobRegistry.cleanup` only inside a worker's maintenance every 10 minutes, and
+    spends a retry of every job the dead worker held; the API and every dit-serve worker call this
+    every few seconds instead, with the policy of dit_serve/reaping.py (a job that shared its batch
+    keeps its retries). So a lost job is back in the queue within heartbeat_ttl_s + reap_interval_s,
+    at the front of its priority class; `reconcile` then schedules list entries that no script did
+    (dit_serve/scheduling.py). With `orphan_timeout_s`, queued jobs that no live worker can take also
+    fail (fail_orphaned_jobs).
     """
-    # Many processes reap; one at a time, or two could requeue the same job twice.
+    # Many processes reap; one at a time (each queue's pass is one atomic script anyway).
     if not redis.set(REAPER_LOCK_KEY, "1", nx=True, px=REAPER_LOCK_MS):
         return
     for queue in dit_queues(redis):
-        lost: list[tuple[Job, bool]] = []
-        try:
-            # RQ calls the handlers once per abandoned job, before it retries or fails the job.
-            StartedJobRegistry(queue.name, connection=redis).cleanup(exception_handlers=[_collect_into(lost)])
-        except Exception:  # one bad job record must not stop the reaping of the rest
-            log.exception("reaping queue %s failed", queue.name)
         model = queue.name.removeprefix(QUEUE_PREFIX)
-        for job, requeued in lost:
-            outcome = REAPED_REQUEUED if requeued else REAPED_FAILED
-            redis.hincrby(REAPED_KEY, f"{model}|{outcome}", 1)
-            if not requeued:  # failed worker_lost: it has ended
-                with redis.pipeline() as pipe:
-                    retain(pipe, job.id, ttl_s)
-                    pipe.execute()
-            log.warning("job %s of %s lost its worker: %s", job.id, model, outcome)
+        try:
+            reaped = reap_started(redis, queue.name, model, ttl_s, aging_s)
+        except Exception:  # one bad queue must not stop the reaping of the rest
+            log.exception("reaping queue %s failed", queue.name)
+            reaped = []
+        for job_id, outcome, deaths in reaped:
+            log.warning("job %s of %s lost its worker (%d deaths so far): %s", job_id, model, deaths, outcome)
         reconcile(redis, queue.key, queue.name, aging_s)
+        if any(outcome == REAPED_REQUEUED for _, outcome, _ in reaped):
+            wake_workers(redis, queue.name)
     fail_expired_jobs(redis, ttl_s)
     if orphan_timeout_s is not None:
         fail_orphaned_jobs(redis, orphan_timeout_s, ttl_s)

@@ -18,9 +18,10 @@ gives, with each job's turn fixed when it is queued (one ZADD, O(log n)), so a t
 turn order rather than scanning the whole queue. A key that was idle does not bank credit: its tags
 start at the virtual time.
 
-Only the API queues jobs here. A job that comes back to the RQ list any other way (RQ's cleanup
-requeues a job whose worker died) is put back at the front of its class by `reconcile`, which the
-reaper runs on every pass.
+Only the API queues jobs here, and the reapers (dit_serve/reaping.py), which put a job whose worker
+died back at the front of its class in the same script that requeues it. A job that comes back to the
+RQ list any other way (RQ's own cleanup, run by `rq info`, requeues a job whose worker died) is put
+back at the front of its class by `reconcile`, which the reaper runs on every pass.
 """
 
 import time
@@ -96,6 +97,29 @@ local function unschedule(offset, id)
   redis.call('ZREM', KEYS[offset + 5], id)
 end
 """
+
+
+# Lua shared by the scripts that put a job back in its queue (dit_serve/reaping.py):
+# schedule_front(keys offset, job id, priority, created_at, aging_s) puts it at the front of its class
+# (KEYS[offset + 1..5] are scheduler_keys(queue)), as reconcile would, unless it is there already.
+SCHEDULE_FRONT_LUA = (
+    "local CLASS_INDEX = {"
+    + ", ".join(f"{priority.value} = {priority.rank + 1}" for priority in Priority)
+    + "}\n"
+    + f"""
+local function schedule_front(offset, id, priority, created_at, aging_s)
+  for i = 1, 3 do
+    if redis.call('ZSCORE', KEYS[offset + i], id) then return end
+  end
+  local class = CLASS_INDEX[priority or ''] or {Priority.NORMAL.rank + 1}
+  local tag = tonumber(redis.call('HGET', KEYS[offset + 4], 'vt:' .. class) or '0')
+  redis.call('ZADD', KEYS[offset + class], tag, id)
+  if class == {Priority.LOW.rank + 1} and aging_s > 0 then
+    redis.call('ZADD', KEYS[offset + 5], (tonumber(created_at) or 0) + aging_s, id)
+  end
+end
+"""
+)
 
 
 def schedule_job(

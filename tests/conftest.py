@@ -155,10 +155,10 @@ class Service:
         env.update(extra)
         return env
 
-    def _spawn(self, command: str, log_name: str, **extra: str) -> subprocess.Popen:
+    def _spawn(self, command: str, log_name: str, entry: str = "cli", **extra: str) -> subprocess.Popen:
         log = open(self.tmp / log_name, "ab")  # noqa: SIM115 - the process owns it
         return subprocess.Popen(
-            [sys.executable, "-m", "cli", command],
+            [sys.executable, "-m", entry, command],
             env=self.env(**extra),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -168,9 +168,11 @@ class Service:
         self.api = self._spawn("api", "api.log")
         _wait_until(self._answers, STARTUP_TIMEOUT_S, "the API to answer /healthz")
 
-    def start_worker(self, **extra: str) -> subprocess.Popen:
+    def start_worker(self, entry: str = "cli", **extra: str) -> subprocess.Popen:
+        """A worker process with the environment's overrides `extra`; `entry` is the module run with
+        `python -m` (tests.poison_models: the dit-serve CLI with the test-only poison family)."""
         before = set(self.live_workers())
-        worker = self._spawn("worker", f"worker{len(self.workers)}.log", **extra)
+        worker = self._spawn("worker", f"worker{len(self.workers)}.log", entry, **extra)
         self.workers.append(worker)
         _wait_until(lambda: set(self.live_workers()) - before, STARTUP_TIMEOUT_S, "the worker to register")
         return worker

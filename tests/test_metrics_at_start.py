@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from dit_serve.embedded_redis import free_port
-from dit_serve.queueing import REAPED_FAILED, REAPED_REQUEUED
+from dit_serve.reaping import REAPED_FAILED, REAPED_REQUEUED, REAPED_TIMED_OUT
 from tests.conftest import metric, running_service, scrape
 
 pytestmark = pytest.mark.slow
@@ -113,5 +113,5 @@ def test_every_queried_metric_has_samples_before_any_job(
     for model in models:
         for outcome in CANCEL_OUTCOMES:
             assert metric(samples, "dit_cancels_total", model=model, outcome=outcome) == 0
-        for outcome in (REAPED_REQUEUED, REAPED_FAILED):
+        for outcome in (REAPED_REQUEUED, REAPED_FAILED, REAPED_TIMED_OUT):
             assert metric(samples, "dit_jobs_reaped_total", model=model, outcome=outcome) == 0

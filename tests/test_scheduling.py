@@ -12,13 +12,12 @@ from dit_serve.admission import QuotaExceeded, RateLimited, hold_slot, take_toke
 from dit_serve.contract import Priority
 from dit_serve.jobs import JobRecord, queue_name, record_key
 from dit_serve.queueing import (
-    REAPED_KEY,
-    REAPED_REQUEUED,
     cancel_job,
     enqueue_job,
     queue_position,
     reap_lost_jobs,
 )
+from dit_serve.reaping import REAPED_KEY, REAPED_REQUEUED
 from dit_serve.scheduling import class_key, scheduler_keys
 from tests.test_contract import _request as contract_request
 from worker.queue import JobQueue

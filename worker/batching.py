@@ -22,6 +22,7 @@ class JobTicket(JobHandle):
 
     request: JobRequest
     created_at: float = 0.0  # unix time the API accepted the job (0: unknown)
+    solo: bool = False  # taken alone, and nothing joins it (dit_serve/reaping.py says when)
 
     @property
     def compat(self) -> str:

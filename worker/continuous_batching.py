@@ -4,7 +4,12 @@ The rows are a RunningBatch (worker/continuous.py); take, hold, progress, cancel
 through the worker's JobLedger. A run lasts while it has rows: after every step it reports progress,
 drops canceled jobs, stores the jobs whose rows are all done, and takes compatible queued jobs into
 the free rows, unless the worker yields its turn (it is stopping, or another of its queues has jobs
-waiting: the run then drains, so that queue gets its turn).
+waiting: the run then drains, so that queue gets its turn), or a solo job waits for a batch of its own
+(the run drains for it too), or the run holds a solo job (nothing joins it).
+
+A step that raises ends the run: its jobs are handed to static batching's retry_apart, which tries
+them again in smaller static batches (halves after an out-of-memory error, else one by one), so only a
+job that fails alone fails `sampling_failed`.
 """
 
 import logging
@@ -12,13 +17,13 @@ import time
 
 import numpy as np
 
-from dit_serve.jobs import SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import JobTicket
 from worker.continuous import RunningBatch
 from worker.ledger import JobLedger
 from worker.queue import new_execution_id
 from worker.stages import DECODE
+from worker.static_batching import StaticBatching
 from worker.strategy import YieldTurn
 
 log = logging.getLogger(__name__)
@@ -27,11 +32,20 @@ log = logging.getLogger(__name__)
 class ContinuousBatching:
     """Step-level batching for models whose scheduler has a per-row step (DDIM)."""
 
-    def __init__(self, ledger: JobLedger, max_batch: int, worker_name: str, yield_turn: YieldTurn):
+    def __init__(
+        self,
+        ledger: JobLedger,
+        max_batch: int,
+        worker_name: str,
+        yield_turn: YieldTurn,
+        apart: StaticBatching,
+    ):
+        """`apart`: the static batching that tries the jobs of a failed run again in smaller batches."""
         self.ledger = ledger
         self.max_batch = max_batch
         self.worker_name = worker_name
         self.yield_turn = yield_turn
+        self.apart = apart
 
     def run(self, queue: str, model: LoadedModel, tickets: list[JobTicket]) -> None:
         ContinuousRun(self, queue, model).run(tickets)
@@ -51,6 +65,8 @@ class ContinuousRun:
         self.rows_of: dict[str, list[int]] = {}
         self.batch: RunningBatch | None = None
         self.timer = self.ledger.metrics.timer(model.name, model.kind)
+        self.sampling: frozenset[str] = frozenset()  # the jobs last told to the ledger as running
+        self.draining = False  # a solo job waits for a batch of its own: take no more jobs
 
     def run(self, tickets: list[JobTicket]) -> None:
         request = tickets[0].request
@@ -65,6 +81,7 @@ class ContinuousRun:
                 self.model, request.num_inference_steps, request.width, request.height, request.num_frames
             )
             self._admit(tickets)
+            self._tell_running()
             while len(self.batch):
                 rows, start = len(self.batch), time.perf_counter()
                 self.batch.step()
@@ -72,18 +89,31 @@ class ContinuousRun:
                 self._report_and_cancel()
                 self._finish_done_rows()
                 self._join()
-        except Exception:
-            log.exception(
-                "sampling failed in continuous batch %s on worker %s, jobs %s",
-                self.compat,
-                self.strategy.worker_name,
-                ", ".join(self.jobs),
-            )
-            for ticket in self.jobs.values():
-                self.ledger.fail(ticket, SAMPLING_FAILED_ERROR)
+                self._tell_running()
+        except Exception as exc:
+            self.ledger.idle()
+            if len(self.jobs) > 1:
+                log.warning(
+                    "a step of continuous batch %s failed on worker %s with jobs %s: running them "
+                    "again in static batches",
+                    self.compat,
+                    self.strategy.worker_name,
+                    ", ".join(self.jobs),
+                )
+            # Rows start over: a job's output does not depend on how it was batched.
+            self.strategy.apart.retry_apart(self.model, list(self.jobs.values()), exc)
         finally:
+            self.ledger.idle()
             # Whatever happened, stop heartbeating these jobs: one not settled is reaped and requeued.
             self.ledger.release(list(self.jobs))
+
+    def _tell_running(self) -> None:
+        """Tell the ledger which jobs sample together when that changed (a join, a cancel, an end):
+        the watchdog's ceiling starts again from here, with the new jobs' cost."""
+        if frozenset(self.jobs) != self.sampling:
+            self.sampling = frozenset(self.jobs)
+            if self.jobs:
+                self.ledger.running(list(self.jobs.values()))
 
     def _admit(self, tickets: list[JobTicket]) -> None:
         assert self.batch is not None
@@ -146,8 +176,10 @@ class ContinuousRun:
     def _join(self) -> None:
         assert self.batch is not None
         free = self.strategy.max_batch - len(self.batch)
-        if free <= 0 or self.strategy.yield_turn(self.queue_name):
+        alone = any(ticket.solo for ticket in self.jobs.values())
+        if free <= 0 or alone or self.draining or self.strategy.yield_turn(self.queue_name):
             return
-        tickets = self.ledger.take(self.queue_name, free, new_execution_id(), self.compat)
+        tickets = self.ledger.take(self.queue_name, free, new_execution_id(), self.compat, joining=True)
+        self.draining = self.ledger.solo_waiting(self.queue_name)
         if tickets:
             self._admit(tickets)

@@ -113,6 +113,7 @@ def run_worker(settings: Settings) -> None:
         orphan_timeout_s=settings.orphan_timeout_s,
         priority_aging_s=settings.priority_aging_s,
         continuous=settings.batching is Batching.CONTINUOUS,
+        job_timeout_s=settings.job_timeout_s,
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
     worker = Worker(config, redis, models, storage, metrics)

@@ -4,13 +4,14 @@ Built beside RQ's stock worker, which takes one job at a time: a Lua script take
 compatible jobs atomically from an RQ queue, in the scheduler's order (priority class, then fair
 share across API keys: dit_serve/scheduling.py), and marks each one `started` in RQ's own
 job hash and StartedJobRegistry (member `<job id>:<execution id>`, score = heartbeat deadline),
-exactly where RQ would, so `rq info` counts them and RQ's abandoned-job cleanup can requeue them.
+exactly where RQ would, so `rq info` counts them and the reapers (dit_serve/reaping.py) can requeue
+them. A job marked `solo` (its workers died twice, or it hung a batch) is only taken alone.
 """
 
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from redis import Redis
 from rq import Queue
@@ -24,13 +25,16 @@ from dit_serve.jobs import (
     RecordField,
     ended_key,
     outputs_json,
+    queue_name,
     record_key,
     rq_job_key,
+    rq_timestamp,
     wake_key,
 )
-from dit_serve.queueing import fail_expired_jobs, rq_timestamp
+from dit_serve.queueing import fail_expired_jobs, wake_workers
+from dit_serve.reaping import HeldRole, give_up
 from dit_serve.retention import RETENTION_KEY, record_ttl_s
-from dit_serve.scheduling import FAIR_TAG_LUA, UNSCHEDULE_LUA, scheduler_keys
+from dit_serve.scheduling import DEFAULT_AGING_S, FAIR_TAG_LUA, UNSCHEDULE_LUA, scheduler_keys
 from worker.batching import JobHandle, JobTicket
 
 log = logging.getLogger(__name__)
@@ -43,9 +47,12 @@ LOOKAHEAD = 256  # queued jobs looked at per priority class and take
 #       normal and low sets (4-6), tags (7), aging (8); then the retention set (9).
 # ARGV: max samples, lookahead, compat ('' = any), RQ now, heartbeat deadline, worker name,
 #       execution id, unix now, rq job key prefix, record key prefix, ttl seconds, newest job schema
-#       this worker reads, the records' TTL once ended (dit_serve/retention.py). Returns {taken ids,
-#       ids left queued because their schema is newer, ids left queued because their deadline has
-#       passed (never started: the reaper fails them)}.
+#       this worker reads, '1' when the jobs join a batch that already has jobs, the records' TTL once
+#       ended (dit_serve/retention.py). Returns {taken ids, ids left queued because their schema is
+#       newer, ids left queued because their deadline has passed (never started: the reaper fails
+#       them), 1 when a compatible solo job was left for a batch of its own}. A solo job is taken only
+#       as the first job of a new batch, and then nothing joins it. Each taken job's batch size (for
+#       the reapers) is the take's count, or 0 (waiting) when joining.
 _TAKE_SCRIPT = (
     UNSCHEDULE_LUA
     + FAIR_TAG_LUA
@@ -55,10 +62,13 @@ local lookahead = tonumber(ARGV[2])
 local compat = ARGV[3]
 local max_schema = tonumber(ARGV[12])
 local now = tonumber(ARGV[8])
+local joining = ARGV[13] == '1'
 local total = 0
 local taken = {}
 local too_new = {}
 local expired = {}
+local alone = false  -- a solo job was taken: nothing else may join it
+local solo_left = 0
 
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, lookahead)) do
   redis.call('ZREM', KEYS[8], id)
@@ -69,7 +79,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0
 end
 
 for class = 1, 3 do
-  if total >= max_samples then break end
+  if total >= max_samples or alone then break end
   local entries = redis.call('ZRANGE', KEYS[3 + class], 0, lookahead - 1, 'WITHSCORES')
   for i = 1, #entries, 2 do
     local id, tag = entries[i], tonumber(entries[i + 1])
@@ -81,7 +91,8 @@ for class = 1, 3 do
       unschedule(3, id)
       redis.call('LREM', KEYS[1], 0, id)
     else
-      local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel', 'schema_version', 'deadline')
+      local rec = redis.call('HMGET', rec_key, 'compat', 'samples', 'cancel', 'schema_version', 'deadline',
+        'solo')
       local samples = tonumber(rec[2])
       if (tonumber(rec[4]) or 1) > max_schema then
         -- Written by a newer API: leave it queued for a worker that reads it.
@@ -96,11 +107,15 @@ for class = 1, 3 do
         redis.call('ZADD', KEYS[3], now + tonumber(ARGV[11]), id)
         redis.call('ZADD', KEYS[9], now + tonumber(ARGV[11]), id)
         redis.call('HSET', rec_key, 'completed_at', ARGV[8])
-        redis.call('EXPIRE', job_key, ARGV[13])
-        redis.call('EXPIRE', rec_key, ARGV[13])
+        redis.call('EXPIRE', job_key, ARGV[14])
+        redis.call('EXPIRE', rec_key, ARGV[14])
+      elseif rec[1] and samples and (compat == '' or rec[1] == compat) and rec[6] == '1'
+          and (joining or total > 0) then
+        solo_left = 1  -- it waits for a batch of its own
       elseif rec[1] and samples and (compat == '' or rec[1] == compat)
           and (total == 0 or total + samples <= max_samples) then
         compat = rec[1]
+        alone = rec[6] == '1'
         unschedule(3, id)
         redis.call('LREM', KEYS[1], 0, id)
         if tag > tonumber(redis.call('HGET', KEYS[7], 'vt:' .. class) or '0') then
@@ -114,12 +129,14 @@ for class = 1, 3 do
         redis.call('HINCRBY', rec_key, 'attempts', 1)
         taken[#taken + 1] = id
         total = total + samples
-        if total >= max_samples then break end
+        if total >= max_samples or alone then break end
       end
     end
   end
 end
-return {taken, too_new, expired}
+local batch_jobs = joining and 0 or #taken
+for _, id in ipairs(taken) do redis.call('HSET', ARGV[10] .. id, 'batch_jobs', batch_jobs) end
+return {taken, too_new, expired, solo_left}
 """
 )
 
@@ -144,6 +161,18 @@ return 1
 """
 
 
+# Record how many jobs the sampling run of each held job has (what the reapers read if the worker
+# dies), only where the job is still held by that execution. KEYS: records. ARGV: (execution, count)
+# for each record.
+_MARK_RUNNING_SCRIPT = """
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'execution') == ARGV[2 * i - 1] then
+    redis.call('HSET', key, 'batch_jobs', ARGV[2 * i])
+  end
+end
+"""
+
+
 def new_execution_id() -> str:
     return uuid.uuid4().hex
 
@@ -152,29 +181,42 @@ class JobQueue:
     """One worker's connection to the model queues it serves."""
 
     def __init__(
-        self, redis: Redis, queue_names: list[str], worker_name: str, heartbeat_ttl_s: int, ttl_s: int
+        self,
+        redis: Redis,
+        queue_names: list[str],
+        worker_name: str,
+        heartbeat_ttl_s: int,
+        ttl_s: int,
+        aging_s: float = DEFAULT_AGING_S,
     ):
         self.redis = redis
         self.queues = {name: Queue(name, connection=redis) for name in queue_names}
         self.worker_name = worker_name
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.ttl_s = ttl_s
+        self.aging_s = aging_s  # when a low job it gives back is promoted (dit_serve/scheduling.py)
         self._take = redis.register_script(_TAKE_SCRIPT)
         self._settle = redis.register_script(_SETTLE_SCRIPT)
+        self._mark_running = redis.register_script(_MARK_RUNNING_SCRIPT)
         self._told_too_new: set[str] = set()  # jobs already logged as too new, to log each once
+        self._solo_left: dict[str, bool] = {}  # per queue: the last joining take left a solo job
 
     def _started(self, queue: str) -> StartedJobRegistry:
         return StartedJobRegistry(queue, connection=self.redis)
 
-    def take(self, queue: str, max_samples: int, execution: str, compat: str = "") -> list[JobTicket]:
+    def take(
+        self, queue: str, max_samples: int, execution: str, compat: str = "", joining: bool = False
+    ) -> list[JobTicket]:
         """Atomically take compatible queued jobs (up to max_samples outputs) in the scheduler's order:
         priority class first, then each key's fair-share turn (dit_serve/scheduling.py).
 
+        With `joining` (the jobs join a batch that has jobs already), solo jobs are left queued, and
+        `solo_waiting(queue)` says whether one was. Without it, a solo job is taken only first, alone.
         Jobs written with a newer job schema than this worker's stay queued for a newer worker; a job
         whose stored request cannot be read fails at once with `invalid_job`.
         """
         now = time.time()
-        ids, newer, expired = self._take(
+        ids, newer, expired, solo_left = self._take(
             keys=[
                 self.queues[queue].key,
                 self._started(queue).key,
@@ -195,9 +237,12 @@ class JobQueue:
                 record_key(""),
                 self.ttl_s,
                 SCHEMA_VERSION,
+                "1" if joining else "0",
                 record_ttl_s(self.ttl_s),
             ],
         )
+        if joining:
+            self._solo_left[queue] = bool(solo_left)
         self._tell_too_new(queue, [job_id.decode() for job_id in newer])
         if expired:
             fail_expired_jobs(self.redis, self.ttl_s)
@@ -205,10 +250,12 @@ class JobQueue:
             return []
         with self.redis.pipeline() as pipe:
             for job_id in ids:
-                pipe.hmget(record_key(job_id.decode()), RecordField.REQUEST, RecordField.CREATED_AT)
+                pipe.hmget(
+                    record_key(job_id.decode()), RecordField.REQUEST, RecordField.CREATED_AT, RecordField.SOLO
+                )
             records = pipe.execute()
         tickets = []
-        for raw_id, (request, created_at) in zip(ids, records, strict=True):
+        for raw_id, (request, created_at, solo) in zip(ids, records, strict=True):
             handle = JobHandle(raw_id.decode(), queue, execution)
             try:
                 parsed = JobRequest.from_json(request or b"")
@@ -216,8 +263,15 @@ class JobQueue:
                 log.error("job %s cannot be read by this worker: %s", handle.job_id, exc)
                 self.fail(handle, INVALID_JOB_ERROR)
                 continue
-            tickets.append(JobTicket(handle.job_id, queue, execution, parsed, float(created_at or 0)))
+            tickets.append(
+                JobTicket(handle.job_id, queue, execution, parsed, float(created_at or 0), solo == b"1")
+            )
         return tickets
+
+    def solo_waiting(self, queue: str) -> bool:
+        """Whether the last joining take of `queue` left a compatible solo job queued: the running batch
+        should take no more, so that the job gets a batch of its own."""
+        return self._solo_left.get(queue, False)
 
     def _tell_too_new(self, queue: str, job_ids: list[str]) -> None:
         """Say once per job why this worker leaves it queued."""
@@ -243,6 +297,30 @@ class JobQueue:
                 )
                 pipe.hset(rq_job_key(ticket.job_id), "last_heartbeat", now)
             pipe.execute()
+
+    def mark_running(self, held: Iterable[JobHandle], batch_jobs: Mapping[str, int]) -> None:
+        """Record, for each held job, how many jobs its sampling run has (0: none yet, it waits)."""
+        held = list(held)
+        if held:
+            self._mark_running(
+                keys=[record_key(ticket.job_id) for ticket in held],
+                args=[item for t in held for item in (t.execution, batch_jobs.get(t.job_id, 0))],
+            )
+
+    def give_up(self, held: Iterable[JobHandle], roles: Mapping[str, HeldRole]) -> list[tuple[str, str]]:
+        """Give back the held jobs of a hung batch (dit_serve/reaping.give_up), and wake the workers for
+        the requeued ones; returns (job id, outcome) for each."""
+        by_queue: dict[str, list[tuple[str, str, HeldRole]]] = {}
+        for ticket in held:
+            by_queue.setdefault(ticket.queue, []).append(
+                (ticket.job_id, ticket.execution, roles.get(ticket.job_id, HeldRole.WAITING))
+            )
+        outcomes: list[tuple[str, str]] = []
+        for queue, jobs in by_queue.items():
+            model = queue.removeprefix(queue_name(""))
+            outcomes += give_up(self.redis, queue, model, jobs, self.ttl_s, self.aging_s)
+            wake_workers(self.redis, queue)
+        return outcomes
 
     def report_progress(self, progress: dict[str, int]) -> set[str]:
         """Record each job's progress (0-100); returns the ids of jobs a client asked to cancel."""

@@ -2,9 +2,13 @@
 
 Queue plumbing lives in worker/queue.py, sampling in worker/sampling.py, encoding and storage in
 worker/outputs.py; crash safety is the heartbeat thread here plus the reaper in dit_serve/queueing.py.
+The heartbeat thread is also the watchdog: a batch past its ceiling (worker/watchdog.py) is not
+heartbeated; its jobs are given back, and the worker exits with HUNG_EXIT_STATUS for its supervisor
+(compose's `restart:`, `dit-serve up`) to start a fresh one, since a hung sampler cannot be stopped.
 """
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +18,7 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 
 from dit_serve.catalog import publish_worker, retire_worker
+from dit_serve.config import DEFAULT_JOB_TIMEOUT_S
 from dit_serve.jobs import queue_name
 from dit_serve.queueing import reap_lost_jobs
 from dit_serve.scheduling import DEFAULT_AGING_S
@@ -27,10 +32,12 @@ from worker.metrics import WorkerMetrics
 from worker.queue import JobQueue, new_execution_id
 from worker.static_batching import StaticBatching
 from worker.strategy import BatchStrategy
+from worker.watchdog import Attempt
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # longest block on the wake list before looking at the queues again
+HUNG_EXIT_STATUS = 70  # sysexits' EX_SOFTWARE: the worker gave up a hung batch; restart it
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class WorkerConfig:
     orphan_timeout_s: float = 300.0  # queued jobs of a model with no live worker this long fail
     priority_aging_s: float = DEFAULT_AGING_S  # for low jobs the reaper puts back in the queue
     continuous: bool = False  # step-level continuous batching where the model's scheduler allows
+    job_timeout_s: float = DEFAULT_JOB_TIMEOUT_S  # the reference job's ceiling (worker/watchdog.py)
 
 
 class Worker:
@@ -63,10 +71,19 @@ class Worker:
         self.redis = redis
         self.models = {queue_name(name): model for name, model in models.items()}
         self.specs = [model.spec() for model in models.values()]
-        self.queue = JobQueue(redis, list(self.models), config.name, config.heartbeat_ttl_s, config.job_ttl_s)
-        self.ledger = JobLedger(self.queue, storage, metrics)
+        self.queue = JobQueue(
+            redis,
+            list(self.models),
+            config.name,
+            config.heartbeat_ttl_s,
+            config.job_ttl_s,
+            config.priority_aging_s,
+        )
+        self.ledger = JobLedger(self.queue, storage, metrics, config.job_timeout_s)
         self.static = StaticBatching(self.ledger, config.max_batch, config.max_wait_ms, config.name)
-        self.continuous = ContinuousBatching(self.ledger, config.max_batch, config.name, self.yield_turn)
+        self.continuous = ContinuousBatching(
+            self.ledger, config.max_batch, config.name, self.yield_turn, self.static
+        )
         # Registered in RQ's worker registry only so that `rq info` and rq-dashboard list it;
         # RQ's own loop (one job at a time) never runs.
         queues = list(self.queue.queues.values())
@@ -108,6 +125,8 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         last_reap = 0.0
         while not self.stopping.wait(self.config.heartbeat_interval_s):
+            if (hung := self.ledger.overdue()) is not None:
+                self._give_up(hung)
             try:
                 self._publish()
                 self.ledger.heartbeat()
@@ -121,6 +140,28 @@ class Worker:
                     last_reap = time.monotonic()
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    def _give_up(self, hung: Attempt) -> None:
+        """A batch ran past its ceiling: give its jobs back and exit, for a supervisor to restart us."""
+        log.error(
+            "jobs %s have sampled for %.0f s, past their ceiling of %.0f s (DIT_JOB_TIMEOUT_S scaled by "
+            "their cost): giving them back and exiting with status %d, so that a supervisor starts a "
+            "fresh worker",
+            ", ".join(sorted(hung.job_ids)),
+            time.monotonic() - hung.started,
+            hung.ceiling_s,
+            HUNG_EXIT_STATUS,
+        )
+        try:
+            for job_id, outcome in self.ledger.time_out(hung):
+                log.warning("job %s given back by hung worker %s: %s", job_id, self.config.name, outcome)
+            retire_worker(self.redis, self.config.name)
+            self.rq_worker.register_death()
+        except RedisError as exc:  # the reapers treat the jobs as lost once their heartbeat expires
+            log.error("could not give the jobs back: %s", exc)
+        logging.shutdown()
+        # The sampling thread cannot be interrupted, so the process ends here, without it.
+        os._exit(HUNG_EXIT_STATUS)
 
     # -- one batch ---------------------------------------------------------------------------------
     def run_once(self) -> bool:

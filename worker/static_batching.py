@@ -1,4 +1,8 @@
-"""Static batching: fill a batch with compatible jobs for a short window, then run it start to end."""
+"""Static batching: fill a batch with compatible jobs for a short window, then run it start to end.
+
+A batch whose sampling raises is tried again in smaller batches (worker/isolation.py), so that only a
+job that fails alone ends `sampling_failed`. Continuous batching hands the jobs of a failed run here.
+"""
 
 import logging
 import time
@@ -11,6 +15,7 @@ from redis.exceptions import RedisError
 from dit_serve.jobs import SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
+from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
 from worker.metrics import WorkerMetrics
 from worker.sampling import generate
@@ -32,10 +37,11 @@ class StaticBatching:
         self.worker_name = worker_name
 
     def run(self, queue: str, model: LoadedModel, tickets: list[JobTicket]) -> None:
-        batch = Batch.from_tickets(self._fill(queue, tickets))
+        # A solo job (dit_serve/reaping.py) runs alone: nothing is added to its batch.
+        batch = Batch.from_tickets(tickets if tickets[0].solo else self._fill(queue, tickets))
         log.info("batch of %d outputs from %d jobs: %s", len(batch), len(batch.jobs), batch.compat)
         try:
-            self._finish(model, batch)
+            self.finish(model, list(batch.jobs.values()))
         finally:
             self.ledger.release(batch.jobs)
 
@@ -47,7 +53,9 @@ class StaticBatching:
         deadline = time.monotonic() + self.max_wait_ms / 1000
         while total < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
             try:
-                more = self.ledger.take(queue, self.max_batch - total, execution, tickets[0].compat)
+                more = self.ledger.take(
+                    queue, self.max_batch - total, execution, tickets[0].compat, joining=True
+                )
             except RedisError as exc:
                 log.warning(
                     "redis failed while filling a batch (%s); running the %d taken", exc, len(tickets)
@@ -62,28 +70,61 @@ class StaticBatching:
             total += sum(ticket.num_outputs for ticket in more)
         return tickets
 
-    def _finish(self, model: LoadedModel, batch: Batch) -> None:
+    def finish(self, model: LoadedModel, tickets: list[JobTicket]) -> None:
+        """Sample these held, compatible jobs as one batch and store each one's outputs.
+
+        If sampling raises, the jobs (but those canceled meanwhile) are tried again apart: in halves
+        first after an out-of-memory error, else one by one; a job that fails alone fails
+        `sampling_failed`. Each try is one Attempt for the watchdog.
+        """
+        batch = Batch.from_tickets(tickets)
+        canceled: set[str] = set()
+        self.ledger.running(tickets)
         try:
-            pixels, canceled = self._sample(model, batch)
-        except Exception:
-            log.exception(
-                "sampling failed for batch %s on worker %s, jobs %s",
-                batch.compat,
-                self.worker_name,
-                ", ".join(batch.jobs),
-            )
-            for ticket in batch.jobs.values():
-                self.ledger.fail(ticket, SAMPLING_FAILED_ERROR)
+            pixels = self._sample(model, batch, canceled)
+        except Exception as exc:
+            self.ledger.idle()
+            self.retry_apart(model, [ticket for ticket in tickets if ticket.job_id not in canceled], exc)
             return
+        self.ledger.idle()
         timer = self.metrics.timer(model.name, model.kind)
         for job_id, ticket in batch.jobs.items():
             if job_id not in canceled:
                 self.ledger.store(ticket, pixels[job_id], timer)
 
-    def _sample(self, model: LoadedModel, batch: Batch) -> tuple[dict[str, list[np.ndarray]], set[str]]:
-        """Sample every row of the batch; returns each job's pixels and the jobs canceled on the way."""
+    def retry_apart(self, model: LoadedModel, tickets: list[JobTicket], exc: Exception) -> None:
+        """After a batch of these held jobs raised `exc`: fail a job that ran alone, else try again apart."""
+        jobs = ", ".join(ticket.job_id for ticket in tickets)
+        compat = tickets[0].compat if tickets else ""
+        if len(tickets) <= 1:
+            log.error(
+                "sampling failed for batch %s on worker %s, jobs %s",
+                compat,
+                self.worker_name,
+                jobs,
+                exc_info=exc,
+            )
+            for ticket in tickets:
+                self.ledger.fail(ticket, SAMPLING_FAILED_ERROR)
+            return
+        groups = retry_groups(tickets, exc)
+        log.warning(
+            "sampling failed for a batch of %d jobs (%s) on worker %s, jobs %s: trying them again as %s",
+            len(tickets),
+            "out of memory" if is_out_of_memory(exc) else "error",
+            self.worker_name,
+            jobs,
+            " + ".join(f"{len(group)} job{'s' if len(group) > 1 else ''}" for group in groups),
+            exc_info=exc,
+        )
+        free_device_memory(exc)
+        for group in groups:
+            self.finish(model, group)
+
+    def _sample(self, model: LoadedModel, batch: Batch, canceled: set[str]) -> dict[str, list[np.ndarray]]:
+        """Sample every row of the batch; returns each job's pixels, and adds to `canceled` the jobs
+        canceled on the way (settled already, even if sampling then raises)."""
         request = batch.first.request
-        canceled: set[str] = set()
         rows_per_step: list[int] = []
 
         def on_step(done: int, total: int, rows: torch.Tensor) -> torch.Tensor | None:
@@ -119,4 +160,4 @@ class StaticBatching:
         decoded = pixels_out.numpy()  # (M, H, W, 3) or (M, F, H, W, 3)
         for row_index, array in zip(rows.tolist(), decoded, strict=True):
             pixels[batch.rows[row_index].job_id].append(array)
-        return pixels, canceled
+        return pixels
