@@ -1,4 +1,5 @@
-"""The FastAPI application: routers, error shapes, the Redis client, the lost-job reaper."""
+"""The FastAPI application: routers, error shapes, the Redis client, the lost-job reaper, the webhook
+sender."""
 
 import logging
 import threading
@@ -16,6 +17,7 @@ from app.metrics import APIMetrics, RequestMetrics
 from app.middleware import BodyLimit, RequestID
 from app.openapi import install_openapi
 from app.routes import generation, jobs, system
+from app.webhook_sender import WebhookSender
 from dit_serve.config import Settings, get_settings
 from dit_serve.queueing import reap_lost_jobs
 from dit_serve.retention import SWEEP_BATCH, sweep_expired_jobs
@@ -77,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             target=_sweep_forever, args=(redis, app.state.storage, settings, stop), daemon=True
         )
         sweeper.start()
+        sender = WebhookSender(redis, settings, app.state.metrics)
+        threading.Thread(target=sender.run, args=(stop,), name="webhooks", daemon=True).start()
         yield
         stop.set()
         redis.close()

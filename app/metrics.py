@@ -24,7 +24,7 @@ from rq.utils import as_text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dit_serve.catalog import live_workers, served_models
-from dit_serve.contract import JobKind
+from dit_serve.contract import JobKind, WebhookEvent
 from dit_serve.jobs import RecordField, queue_name, record_key
 from dit_serve.metrics import HTTP_SECONDS_BUCKETS
 from dit_serve.queueing import QUEUE_PREFIX, dit_queues
@@ -57,10 +57,14 @@ REJECTION_REASONS = (
     "invalid_idempotency_key",
     "body_too_large",
     "unauthorized",
+    "webhook_url_forbidden",
+    "no_webhook_secret",
 )
 # What a cancel that took did (dit_serve.queueing.cancel_job), and what the reaper did with a lost job.
 CANCEL_OUTCOMES = ("canceled", "cancel_requested")
 REAPED_OUTCOMES = (REAPED_REQUEUED, REAPED_FAILED, REAPED_TIMED_OUT, REAPED_ORPHANED)
+# What a webhook attempt led to: a 2xx (delivered), another attempt later, or none left (failed).
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed")
 
 
 class ClusterCollector(Collector):
@@ -203,6 +207,15 @@ class APIMetrics:
             ["model", "outcome"],
             registry=None,
         )
+        self.webhook_attempts = Counter(
+            "dit_webhook_attempts",
+            "Webhook delivery attempts, by event and by what they led to",
+            ["event", "outcome"],
+            registry=self.registry,
+        )
+        for event in WebhookEvent:
+            for outcome in WEBHOOK_OUTCOMES:
+                self.webhook_attempts.labels(event.value, outcome)
         self.registry.register(ServedModelCounters(redis, self.accepted, self.cancels))
         for kind in SUBMISSION_ROUTES.values():
             for reason in REJECTION_REASONS:

@@ -86,8 +86,12 @@ INVALID_SUBMISSION = DocumentedError(
         "no_label_names",
         "unsupported_size",
         "invalid_idempotency_key",
+        "webhook_url_forbidden",
+        "no_webhook_secret",
     ),
-    "bad input, checked against the schema and then against the model (GET /v1/models); nothing is queued",
+    "bad input, checked against the schema and then against the model (GET /v1/models); a webhook_url "
+    "the service may not send to (`webhook_url_forbidden`: not https, or an address that is not public), "
+    "or one that cannot be signed (`no_webhook_secret`); nothing is queued",
 )
 LIMITED = DocumentedError(
     429,

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from dit_serve.contract import ClientOptions, JobRequest, ModelSpec
 from dit_serve.jobs import JobError
+from dit_serve.webhooks import WebhookDelivery
 
 MAX_OUTPUTS = 8
 MAX_PROMPT_CHARS = 1000
@@ -109,6 +110,10 @@ class JobBody(BaseModel):
     request: JobRequest
     outputs: list[OutputBody]
     error: JobError | None
+    deliveries: list[WebhookDelivery] = Field(
+        description="with a webhook_url: the delivery of each event sent so far (started, progress: the "
+        "latest, completed: the final state), with its attempts; empty otherwise"
+    )
 
 
 class ModelList(BaseModel):

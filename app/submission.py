@@ -5,8 +5,10 @@ import uuid
 
 from app.errors import InvalidRequest, ServiceUnavailable
 from app.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
-from dit_serve.contract import ClientOptions, ConditioningKind, JobKind, JobRequest, ModelSpec
+from dit_serve.contract import ClientOptions, ConditioningKind, JobKind, JobRequest, ModelSpec, WebhookEvent
 from dit_serve.labels import UnknownLabelError, label_id
+from dit_serve.webhook_guard import AllowList, Resolver, WebhookURLRefused, check_url, system_resolver
+from dit_serve.webhook_signing import SECRET_EXAMPLE
 
 
 def choose_model(
@@ -115,6 +117,9 @@ def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSp
     """The full request with every default filled in from the model's spec and the seed chosen."""
     width, height = _size(request, spec)
     frames, fps = (_frames(request, spec), request.fps) if isinstance(request, VideoRequest) else (1, None)
+    events = request.webhook_events
+    if request.webhook_url is not None and events is None:
+        events = [WebhookEvent.COMPLETED]
     return JobRequest(
         **request.model_dump(include=set(ClientOptions.model_fields)),  # fields that pass through as given
         kind=kind,
@@ -131,7 +136,33 @@ def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSp
         output_format=request.output_format,  # type: ignore[arg-type]
         num_frames=frames,
         fps=fps,
-    )
+    ).model_copy(update={"webhook_events": events})
+
+
+def check_webhook(
+    job: JobRequest,
+    secret: str | None,
+    allow: AllowList,
+    owner: str | None,
+    resolver: Resolver = system_resolver,
+) -> None:
+    """Refuse a webhook that could not be signed (422 no_webhook_secret) or may not be sent to its URL
+    (422 webhook_url_forbidden); the URL's host is resolved, but nothing is connected to."""
+    if job.webhook_url is None:
+        return
+    if secret is None:
+        raise InvalidRequest(
+            f"API key {owner!r} has no webhook signing secret (it was made before webhooks); make a new "
+            "key with `dit-serve keys create` to use webhook_url"
+            if owner is not None
+            else "webhooks are signed, and this server has no signing secret: the operator must set "
+            f"DIT_WEBHOOK_SECRET (whsec_ + base64, e.g. from {SECRET_EXAMPLE}) to accept webhook_url",
+            "no_webhook_secret",
+        )
+    try:
+        check_url(job.webhook_url, allow, resolver)
+    except WebhookURLRefused as exc:
+        raise InvalidRequest(str(exc), "webhook_url_forbidden") from exc
 
 
 def new_job_id() -> str:

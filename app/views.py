@@ -17,6 +17,7 @@ from dit_serve.jobs import (
 )
 from dit_serve.queueing import queue_position
 from dit_serve.retention import expired_key, parse_expired
+from dit_serve.webhooks import job_deliveries
 
 RQ_STATUS_FIELD = "status"
 TIME_DECIMALS = 3
@@ -93,6 +94,7 @@ def job_body(redis: Redis, job_id: str, caller: Caller | None = None) -> JobBody
         if status is JobStatus.COMPLETED
         else [],
         error=error if status is JobStatus.FAILED else None,
+        deliveries=job_deliveries(redis, job_id) if record.request.webhook_url is not None else [],
     )
 
 

@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from dit_serve.keys import ApiKey, KeyExistsError, Priority, create_key, list_keys, revoke_key
+from dit_serve.keys import ApiKey, KeyExistsError, Priority, create_key, list_keys, revoke_key, webhook_secret
 
 REDIS_HELP = "Redis URL of the API (REDIS_URL)"
 
@@ -13,7 +13,9 @@ REDIS_HELP = "Redis URL of the API (REDIS_URL)"
 def add_keys_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
     actions = keys.add_subparsers(dest="keys_command", required=True)
-    create = actions.add_parser("create", help="create a key and print its secret (shown only once)")
+    create = actions.add_parser(
+        "create", help="create a key and print its secret and webhook signing secret (shown only once)"
+    )
     create.add_argument("name", help="the key's name: 1-64 letters, digits, '.', '_' or '-'")
     create.add_argument("--admin", action="store_true", help="may see and cancel every client's jobs")
     create.add_argument("--rate-per-min", type=int, default=None, help="jobs per minute (default: no limit)")
@@ -60,13 +62,16 @@ def run_keys(args: argparse.Namespace, redis_url: str | None) -> None:
             )
         except (KeyExistsError, ValueError) as exc:
             raise SystemExit(f"dit-serve keys create: {exc}") from exc
+        signing = webhook_secret(redis, key.name)
         if args.json:
-            print(json.dumps({**key.model_dump(mode="json"), "key": secret}))
+            print(json.dumps({**key.model_dump(mode="json"), "key": secret, "webhook_secret": signing}))
         else:
             role = "admin key" if key.admin else "key"
             print(f"Created {role} {key.name!r} ({_limits(key)}). Its secret, shown only this once:")
             print(secret)
             print("Send it as: Authorization: Bearer <key>")
+            print("Its webhook signing secret (verify the webhook-signature of its jobs' webhooks with it):")
+            print(signing)
     elif args.keys_command == "list":
         keys = list_keys(redis)
         if args.json:

@@ -10,6 +10,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from pydantic import SecretStr
+
 from cli.keys import add_keys_parser, run_keys
 from cli.soak import add_soak_parser, run_soak_command
 from dit_serve.config import AuthMode, Settings, auth_default, get_settings
@@ -186,6 +188,8 @@ def _environment(settings: Settings) -> dict[str, str]:
     for field, value in settings.model_dump(mode="json").items():
         if value is None:
             continue
+        if isinstance(secret := getattr(settings, field), SecretStr):
+            value = secret.get_secret_value()  # model_dump masks it as "**********"
         key = "REDIS_URL" if field == "redis_url" else f"DIT_{field.upper()}"
         env[key] = value if isinstance(value, str) else json.dumps(value)
     return env

@@ -3,11 +3,14 @@
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dit_serve.metrics import DEFAULT_WORKER_METRICS_PORT
 from dit_serve.scheduling import DEFAULT_AGING_S
+from dit_serve.webhook_guard import AllowList
+from dit_serve.webhook_signing import secret_key
+from dit_serve.webhooks import DEFAULT_BACKOFF_S, DEFAULT_MAX_ATTEMPTS
 
 ENV_PREFIX = "DIT_"
 # How long the reference job (one 512x512 image of 50 steps, worker/watchdog.py) may sample before its
@@ -125,6 +128,34 @@ class Settings(BaseSettings):
     # The API refuses a request body larger than this (413 body_too_large) without reading it all.
     max_body_bytes: int = Field(64 * 1024, ge=1)
     log_level: str = "info"
+
+    # Webhooks (README, "Webhooks"): hosts, IPs and CIDRs exempt from the SSRF rules (comma-separated;
+    # they may use http), the signing secret of jobs sent with auth off (keys have their own), and the
+    # retry schedule: waits of backoff * 4^(k-1) (at most 30 min, plus up to 50%) between attempts.
+    webhook_allow: str = ""
+    webhook_secret: SecretStr | None = None
+    webhook_backoff_s: float = Field(DEFAULT_BACKOFF_S, gt=0)
+    webhook_max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, le=20)
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _allow_list_parses(cls, value: str) -> str:
+        AllowList.parse(value)
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_is_standard(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                secret_key(value.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"DIT_WEBHOOK_SECRET: {exc}") from None
+        return value
+
+    @property
+    def webhook_allow_list(self) -> AllowList:
+        return AllowList.parse(self.webhook_allow)
 
 
 def get_settings(**overrides: object) -> Settings:

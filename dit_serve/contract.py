@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 SCHEMA_VERSION = 1  # the newest job schema this code writes and understands
 MAX_QUEUE_TIMEOUT_S = 86_400
+MAX_WEBHOOK_URL_CHARS = 2048
 
 
 class JobKind(StrEnum):
@@ -46,6 +47,14 @@ class Priority(StrEnum):
     def capped(self, cap: "Priority") -> "Priority":
         """This priority, or `cap` when this one is higher."""
         return self if self.rank >= cap.rank else cap
+
+
+class WebhookEvent(StrEnum):
+    """What a job's webhook is sent for (README, "Webhooks")."""
+
+    STARTED = "started"  # a worker started the job
+    PROGRESS = "progress"  # its progress changed; at most one event every 500 ms
+    COMPLETED = "completed"  # it ended: completed, failed or canceled (the payload's type says which)
 
 
 class ConditioningKind(StrEnum):
@@ -124,6 +133,29 @@ class ClientOptions(BaseModel):
         "than the server's priority aging time counts as normal); capped by the API key's "
         "max_priority, and the job shows the priority it got",
     )
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_WEBHOOK_URL_CHARS,
+        description="an https URL that is sent the job's events as signed POSTs (Standard Webhooks); "
+        "private, loopback and link-local addresses are refused unless the operator allows them",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        max_length=len(WebhookEvent),
+        description="the events to send (needs webhook_url): started, progress (at most every 500 ms), "
+        "completed (the end, however the job ended); default: completed",
+    )
+
+    @model_validator(mode="after")
+    def _webhook_events_need_a_url(self) -> Self:
+        if self.webhook_events is not None:
+            if self.webhook_url is None:
+                raise ValueError("webhook_events needs a webhook_url to send them to")
+            if len(set(self.webhook_events)) != len(self.webhook_events):
+                raise ValueError("webhook_events lists an event twice")
+        return self
 
 
 class JobRequest(ClientOptions):

@@ -4,8 +4,13 @@ A key's secret is `dit_` + 43 URL-safe characters (32 random bytes, `secrets.tok
 plain SHA-256 is enough: no salt or slow hash is needed against guessing a 256-bit secret (the
 reasoning GitHub and Stripe use for their tokens). The secret is shown once, at creation.
 
+Each key also gets a webhook secret (`whsec_...`, dit_serve/webhook_signing.py) that signs the
+webhooks of its jobs. The API must be able to sign with it, so it is stored as it is (Redis holds it
+like the job data it protects); it too is printed once, at creation, and never listed.
+
 Redis layout:
-- `dit:keys`: a hash, key name -> JSON `StoredKey` (the limits, the admin flag, the secret's hash);
+- `dit:keys`: a hash, key name -> JSON `StoredKey` (the limits, the admin flag, the secret's hash,
+  the webhook secret);
 - `dit:key-hash:<sha256 hex>`: the name of the key with that hash, to find a key by its secret.
 """
 
@@ -20,11 +25,13 @@ from redis import Redis
 
 from dit_serve.contract import Priority
 from dit_serve.jobs import KEY_PREFIX
+from dit_serve.webhook_signing import new_secret
 
 SECRET_PREFIX = "dit_"  # recognisable in logs and by secret scanners
 SECRET_BYTES = 32
 KEYS_KEY = f"{KEY_PREFIX}:keys"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PRIVATE_FIELDS = {"key_hash", "webhook_secret"}  # stored, never handed out with the key
 
 
 class ApiKey(BaseModel):
@@ -50,9 +57,13 @@ class ApiKey(BaseModel):
 
 
 class StoredKey(ApiKey):
-    """A key as Redis keeps it: with the hash of its secret, never the secret."""
+    """A key as Redis keeps it: with the hash of its secret, never the secret, and its webhook secret."""
 
     key_hash: str
+    webhook_secret: str | None = None  # None for keys made before webhooks
+
+    def public(self) -> ApiKey:
+        return ApiKey.model_validate(self.model_dump(exclude=PRIVATE_FIELDS))
 
 
 class KeyExistsError(ValueError):
@@ -93,18 +104,19 @@ def create_key(
         max_priority=max_priority,
         created_at=time.time(),
         key_hash=hash_secret(secret),
+        webhook_secret=new_secret(),
     )
     if not redis.hsetnx(KEYS_KEY, name, stored.model_dump_json()):
         raise KeyExistsError(f"a key named {name!r} exists; revoke it first or choose another name")
     redis.set(hash_key(stored.key_hash), name)
-    return ApiKey.model_validate(stored.model_dump(exclude={"key_hash"})), secret
+    return stored.public(), secret
 
 
 def list_keys(redis: Redis) -> list[ApiKey]:
     """Every key, by name, without hashes."""
     raw: dict[bytes, bytes] = redis.hgetall(KEYS_KEY)  # type: ignore[assignment]
     stored = [StoredKey.model_validate_json(value) for value in raw.values()]
-    return [ApiKey.model_validate(key.model_dump(exclude={"key_hash"})) for key in sorted(stored, key=_name)]
+    return [key.public() for key in sorted(stored, key=_name)]
 
 
 def _name(key: ApiKey) -> str:
@@ -139,4 +151,11 @@ def authenticate(redis: Redis, secret: str) -> ApiKey | None:
     # Compare in constant time, so the answer's timing says nothing about how much of a hash matched.
     if not hmac.compare_digest(stored.key_hash, digest):
         return None
-    return ApiKey.model_validate(stored.model_dump(exclude={"key_hash"}))
+    return stored.public()
+
+
+def webhook_secret(redis: Redis, name: str) -> str | None:
+    """The secret that signs the webhooks of key `name`'s jobs; None when the key is gone (revoked) or
+    was made before webhooks."""
+    raw = redis.hget(KEYS_KEY, name)
+    return StoredKey.model_validate_json(raw).webhook_secret if raw is not None else None  # type: ignore[arg-type]

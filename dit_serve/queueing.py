@@ -43,6 +43,7 @@ from dit_serve.scheduling import (
     schedule_job,
     scheduler_keys,
 )
+from dit_serve.webhooks import watch_job
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def enqueue_job(
             raise
     with redis.pipeline() as pipe:
         index_job(pipe, job_id, record, ttl_s)
+        if record.request.webhook_url is not None:
+            watch_job(pipe, job_id, record)  # before a worker can see it, so no change goes unseen
         pipe.execute()
     Queue(name, connection=redis).enqueue(
         TASK_FUNCTION,

@@ -39,6 +39,12 @@ BAD_IMAGE_BODIES = {
     "bad output format": ({**VALID, "output_format": "bmp"}, 422),
     "video model for an image": ({**VALID, "model": "vid"}, 422),
     "class_labels length not 1 or n": ({"class_labels": [1, 2], "n": 3}, 422),
+    "webhook_events without webhook_url": ({**VALID, "webhook_events": ["completed"]}, 422),
+    "unknown webhook event": (
+        {**VALID, "webhook_url": "https://x.example/", "webhook_events": ["output"]},
+        422,
+    ),
+    "webhook_url of 3000 characters": ({**VALID, "webhook_url": "https://x.example/" + "a" * 3000}, 422),
 }
 BAD_VIDEO_BODIES = {
     "too many frames": ({"prompt": "red circle moving left", "num_frames": 17}, 422),
@@ -80,6 +86,15 @@ def test_bad_video_request_is_rejected_and_queues_nothing(service: Service, case
     before = _queued_state(service)
     with service.client() as client:
         _assert_error_shape(client.post("/v1/videos", json={"model": "vid", **body}), status)
+    assert _queued_state(service) == before
+
+
+def test_a_webhook_without_a_signing_secret_is_422_saying_what_to_set(service: Service) -> None:
+    """Auth is off and DIT_WEBHOOK_SECRET unset: there is nothing to sign a webhook with."""
+    before = _queued_state(service)
+    response = service.client().post("/v1/images", json={**VALID, "webhook_url": "https://10.0.0.1/in"})
+    error = _assert_error_shape(response, 422)
+    assert error["code"] == "no_webhook_secret" and "DIT_WEBHOOK_SECRET" in error["message"]
     assert _queued_state(service) == before
 
 

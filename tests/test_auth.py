@@ -43,7 +43,7 @@ def secrets(auth_service: Service) -> dict[str, str]:
         result = keys_cli(auth_service.redis_url, "create", name, *flags, "--json")
         assert result.returncode == 0, result.stderr
         created = json.loads(result.stdout)
-        assert created["name"] == name
+        assert created["name"] == name and created["webhook_secret"].startswith("whsec_")
         made[name] = created["key"]
     return made
 

@@ -15,8 +15,9 @@ from app.deps import RedisDep, SettingsDep, require_json
 from app.errors import Conflict, Gone, InvalidRequest, NotFound, TooManyRequests
 from app.openapi import SUBMISSION_PARAMETERS, SUBMISSION_RESPONSES
 from app.schemas import ImageRequest, JobBody, VideoRequest
-from app.submission import choose_model, new_job_id, normalise
+from app.submission import check_webhook, choose_model, new_job_id, normalise
 from app.views import job_body
+from app.webhook_sender import signing_secret
 from dit_serve.admission import QuotaExceeded, RateLimited, take_token
 from dit_serve.catalog import served_models
 from dit_serve.config import Settings
@@ -52,6 +53,9 @@ def _submit(
     spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
     job = normalise(body, kind, spec)
     job = job.model_copy(update={"priority": job.priority.capped(caller.priority_cap)})
+    if job.webhook_url is not None:
+        secret = signing_secret(redis, settings, caller.name)
+        check_webhook(job, secret, settings.webhook_allow_list, caller.name)
     job_id, record = new_job_id(), JobRecord.new(job, owner=caller.name)
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     scope = caller.name or ""  # keys are per API key ("" with auth off)
