@@ -8,7 +8,6 @@ from app.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
 from dit_serve.contract import ClientOptions, ConditioningKind, JobKind, JobRequest, ModelSpec, WebhookEvent
 from dit_serve.labels import UnknownLabelError, label_id
 from dit_serve.webhook_guard import AllowList, Resolver, WebhookURLRefused, check_url, system_resolver
-from dit_serve.webhook_signing import SECRET_EXAMPLE
 
 
 def choose_model(
@@ -155,8 +154,9 @@ def check_webhook(
             f"API key {owner!r} has no webhook signing secret (it was made before webhooks); make a new "
             "key with `dit-serve keys create` to use webhook_url"
             if owner is not None
-            else "webhooks are signed, and this server has no signing secret: the operator must set "
-            f"DIT_WEBHOOK_SECRET (whsec_ + base64, e.g. from {SECRET_EXAMPLE}) to accept webhook_url",
+            else "webhooks are signed, and this server has no secret to sign them with: to accept "
+            "webhook_url, the operator must set DIT_WEBHOOK_SECRET (whsec_ + base64 of 32 random bytes; "
+            "see the configuration docs)",
             "no_webhook_secret",
         )
     try:

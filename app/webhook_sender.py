@@ -64,6 +64,8 @@ POLL_S = 0.25
 SCAN_LIMIT = 5000  # watched jobs read per tick
 SENDER_THREADS = 8  # attempts in flight at once per API process
 EVENT_TYPES = {WebhookEvent.STARTED: "job.started", WebhookEvent.PROGRESS: "job.progress"}
+RECORD_FIELDS = [RecordField.STARTED_AT.value, RecordField.PROGRESS.value]
+WATCH_FIELDS = ["events", "started:id", "progress:value", "progress:created_at"]
 
 
 def signing_secret(redis: Redis, settings: Settings, owner: str | None) -> str | None:
@@ -124,51 +126,54 @@ class WebhookSender:
         if not self.redis.set(SCAN_LOCK_KEY, self.lock_owner, nx=True, px=int(POLL_S * 1000)):
             return
         job_ids = watched_jobs(self.redis, SCAN_LIMIT)
-        fields = [RecordField.STARTED_AT.value, RecordField.PROGRESS.value]
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
+                pipe.exists(record_key(job_id))
                 pipe.hget(rq_job_key(job_id), "status")
-                pipe.hmget(record_key(job_id), fields)
-                pipe.hmget(
-                    state_key(job_id), ["events", "started:id", "progress:value", "progress:created_at"]
-                )
+                pipe.hmget(record_key(job_id), RECORD_FIELDS)
+                pipe.hmget(state_key(job_id), WATCH_FIELDS)
             replies = pipe.execute()
         for index, job_id in enumerate(job_ids):
-            rq_status, (started_at, progress), watch = replies[3 * index : 3 * index + 3]
-            if rq_status is None or watch[0] is None:
+            exists, rq_status, record, watch = replies[4 * index : 4 * index + 4]
+            if not exists or watch[0] is None:
                 forget_job(self.redis, job_id)  # the job is gone (expired, or taken back at enqueue)
-                continue
-            status = STATUS_FROM_RQ.get(rq_status.decode(), JobStatus.QUEUED)
-            events = {WebhookEvent(name) for name in watch[0].decode().split(",")}
-            if (
-                WebhookEvent.STARTED in events
-                and started_at
-                and status is not JobStatus.QUEUED
-                and not watch[1]
-            ):
-                self._create(job_id, WebhookEvent.STARTED)
-            if WebhookEvent.PROGRESS in events and status is JobStatus.IN_PROGRESS:
-                last_at = float(watch[3]) if watch[3] else None
-                due = last_at is None or time.time() - last_at >= PROGRESS_INTERVAL_S
-                if due and (progress or b"0") != (watch[2] or b"0"):
-                    self._create(job_id, WebhookEvent.PROGRESS)
-            if status in ENDED_STATUSES:
-                if WebhookEvent.COMPLETED in events:
-                    self._create(job_id, WebhookEvent.COMPLETED)
-                end_watch(self.redis, job_id, self.ttl_s)
+            elif rq_status is not None:  # None: between its record and its RQ enqueue, so queued
+                self._advance(job_id, STATUS_FROM_RQ.get(rq_status.decode(), JobStatus.QUEUED), record, watch)
 
-    def _create(self, job_id: str, event: WebhookEvent) -> None:
+    def _advance(self, job_id: str, status: JobStatus, record: list, watch: list) -> None:
+        """Create what one job's state calls for: started, a progress event, the final event."""
+        (started_at, progress), (events_field, started_id, last_value, last_at) = record, watch
+        events = {WebhookEvent(name) for name in events_field.decode().split(",")}
+        if (
+            WebhookEvent.STARTED in events
+            and started_at
+            and status is not JobStatus.QUEUED
+            and not started_id
+        ):
+            self._create(job_id, WebhookEvent.STARTED)
+        if WebhookEvent.PROGRESS in events and status is JobStatus.IN_PROGRESS:
+            due = last_at is None or time.time() - float(last_at) >= PROGRESS_INTERVAL_S
+            if due and (progress or b"0") != (last_value or b"0"):
+                self._create(job_id, WebhookEvent.PROGRESS)
+        if status in ENDED_STATUSES and (
+            WebhookEvent.COMPLETED not in events or self._create(job_id, WebhookEvent.COMPLETED)
+        ):
+            end_watch(self.redis, job_id, self.ttl_s)
+
+    def _create(self, job_id: str, event: WebhookEvent) -> bool:
+        """Create the job's delivery of `event` from its job object now, unless it exists; False when the
+        job object could not be read (the next scan tries again, or finds the job gone)."""
         try:
             job = job_body(self.redis, job_id)
-        except APIError:  # gone, or written by a newer API: the next scan sees which
-            return
-        final = job.status in ENDED_STATUSES
-        if event is WebhookEvent.COMPLETED and not final:
-            return
+        except APIError:  # gone, or written by a newer API
+            return False
+        if event is WebhookEvent.COMPLETED and job.status not in ENDED_STATUSES:
+            return False
         event_type = f"job.{job.status}" if event is WebhookEvent.COMPLETED else EVENT_TYPES[event]
         body = payload(event_type, job.model_dump(mode="json", exclude={"deliveries"}))
         if create_delivery(self.redis, job_id, event, event_type, body, job.progress):
             log.info("webhooks: job %s: %s to deliver", job_id, event_type)
+        return True
 
     # -- send: due deliveries, one attempt each -------------------------------------------------------
 

@@ -85,7 +85,12 @@ checks.use_after_free.enabled = false
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(redis_url: str, tmp_path: Path) -> None:
     with api_without_workers(
-        redis_url, tmp_path, SPEC, DIT_AUTH="on", DIT_MAX_QUEUE_DEPTH=str(QUEUE_DEPTH)
+        redis_url,
+        tmp_path,
+        SPEC,
+        DIT_AUTH="on",
+        DIT_MAX_QUEUE_DEPTH=str(QUEUE_DEPTH),
+        DIT_WEBHOOK_ALLOW="127.0.0.1",  # the hooks' LOCAL_WEBHOOK_URL: webhook jobs are accepted too
     ) as svc:
         redis = Redis.from_url(redis_url)
         publish_worker(redis, "registered-video", [VIDEO_SPEC], ttl_s=600)

@@ -238,3 +238,13 @@ def test_webhook_settings_are_checked_and_the_secret_reaches_ups_worker_unmasked
         Settings(webhook_secret="hunter2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="neither a host name"):
         Settings(webhook_allow="10.0.0.0/40")
+
+
+def test_the_scan_waits_for_a_job_being_queued_and_forgets_one_that_is_gone(redis: Redis) -> None:
+    record = JobRecord.new(_request(webhook_url=URL))
+    redis.hset("dit:job:queuing", mapping=record.creation_fields())  # type: ignore[arg-type]
+    _watched(redis, "queuing")  # written, watched, not yet on its RQ queue
+    _watched(redis, "gone")  # watched, its record expired
+    WebhookSender(redis, Settings(redis_url="redis://unused")).scan()
+    assert redis.zrange(WATCHED_KEY, 0, -1) == [b"queuing"]
+    assert redis.exists(state_key("queuing")) and not redis.exists(state_key("gone"))
