@@ -110,16 +110,17 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 
 def address_refusal(address: IPAddress) -> str | None:
-    """Why `address` may not receive webhooks, or None when it is public."""
+    """What kind of address `address` is when it may not receive webhooks ("a loopback address"), or
+    None when it is public."""
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d, as the socket layer sends it
             reason = address_refusal(address.ipv4_mapped)
-            return f"{reason}, as IPv4-mapped IPv6 {address}" if reason else None
+            return f"{reason} (IPv4-mapped)" if reason else None
         embedded = address.sixtofour
         if embedded is None and address in NAT64_PREFIX:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None and (reason := address_refusal(embedded)):
-            return f"{reason}, embedded in IPv6 {address}"
+            return f"{reason} (embedded in IPv6)"
     checks = (
         (address.is_unspecified, "an unspecified address"),
         (address.is_loopback, "a loopback address"),
@@ -129,7 +130,7 @@ def address_refusal(address: IPAddress) -> str | None:
         (address.is_reserved, "a reserved address"),
         (not address.is_global, "not a public address"),
     )
-    return next((f"{address} is {reason}" for refused, reason in checks if refused), None)
+    return next((reason for refused, reason in checks if refused), None)
 
 
 def _literal(host: str) -> IPAddress | None:
@@ -191,9 +192,10 @@ def check_url(url: str, allow: AllowList, resolver: Resolver = system_resolver) 
     permitted = [address for address in addresses if address not in refused]
     if not permitted:
         reason = next(reason for _, reason in refusals if reason)
+        # A name's addresses stay unsaid: a client must not learn what the server's DNS answers.
+        what = f"{host} is {reason}" if literal is not None else f"{host} resolves to {reason}"
         raise WebhookURLRefused(
-            f"webhook_url host {host} may not receive webhooks: {reason} (the operator can allow it "
-            "in DIT_WEBHOOK_ALLOW)"
+            f"webhook_url may not receive webhooks: {what} (the operator can allow it in DIT_WEBHOOK_ALLOW)"
         )
     return WebhookTarget(scheme, host, port, path, str(permitted[0]))
 
