@@ -3,19 +3,23 @@
 It starts a Redis with an append-only file, an API and two workers, all on 127.0.0.1, and sends them a
 Poisson load below capacity for `--minutes`. Meanwhile it kill -9's a random worker every
 ~`--kill-every` seconds and starts a fresh one, restarts Redis once (a third of the way in) and the
-API once (two thirds of the way in), and sends cancels and duplicate idempotent POSTs. Clients retry
-a POST that got no answer, or a 503, with the same Idempotency-Key, as a careful client would.
+API once (two thirds of the way in), and sends cancels, duplicate idempotent POSTs, and jobs with a
+webhook to a local receiver (on 127.0.0.1) that fails the first attempt of every delivery. Clients
+retry a POST that got no answer, or a 503, with the same Idempotency-Key, as a careful client would.
 
 When the load ends it waits for every accepted job to end, then reports:
 - accepted, completed, failed by code, canceled;
 - lost: accepted, but 404 or never final;
 - duplicate outputs: outputs a worker wrote for a job that another execution had taken over (the
   workers log each one);
+- webhooks: jobs sent with one, final events delivered (signature checked), missing, and delivered
+  more than once (at-least-once delivery allows it; the receiver counts it);
 - answers by status (5xx other than 503 while Redis was down count as errors);
 - Redis memory and the workers' resident memory, sampled every minute.
 """
 
 import argparse
+import hmac
 import json
 import logging
 import os
@@ -29,6 +33,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -37,6 +42,7 @@ from redis.exceptions import RedisError
 
 from dit_serve.embedded_redis import EmbeddedRedis, free_port
 from dit_serve.jobs import ENDED_STATUSES
+from dit_serve.webhook_signing import new_secret, signature
 
 log = logging.getLogger("dit-serve.soak")
 
@@ -46,8 +52,12 @@ POST_ATTEMPTS = 20  # a client retries a POST this often (same Idempotency-Key) 
 POST_RETRY_S = 1.0
 SAMPLE_EVERY_S = 60.0
 TAKEN_BACK = "was taken back from this worker before it finished"  # worker/ledger.py's log line
-CANCEL_SHARE, DUPLICATE_SHARE = 0.1, 0.1  # of the jobs sent: canceled soon after, or posted twice
+CANCEL_SHARE, DUPLICATE_SHARE, WEBHOOK_SHARE = 0.1, 0.1, 0.1  # of the jobs sent: canceled soon after,
+# posted twice at once, or sent with a webhook
+WEBHOOK_BACKOFF_S = "0.5"  # the first retry of a failed delivery, so that deliveries end with the drain
+FINAL_EVENTS = frozenset({"job.completed", "job.failed", "job.canceled"})
 MODEL_NAME = "soak"
+WEBHOOK_WAIT_S = 60.0  # after the drain, for the last deliveries (retried 0.5-1 s after a failure)
 
 
 @dataclass
@@ -68,6 +78,11 @@ class Report:
     lost: int = 0
     lost_ids: list[str] = field(default_factory=list)
     duplicate_outputs: int = 0
+    webhook_jobs: int = 0  # accepted jobs sent with a webhook
+    webhooks_delivered: int = 0  # ... whose final event the receiver accepted, correctly signed
+    webhooks_missing: int = 0  # ... whose final event never arrived
+    webhooks_duplicated: int = 0  # final events accepted more than once
+    webhooks_bad_signature: int = 0
     duplicate_posts_consistent: int = 0  # duplicate POST pairs answered with one job
     duplicate_posts_split: int = 0  # ... answered with two different jobs (a failure)
     refused: int = 0  # POSTs that never got a 202 after every retry
@@ -79,10 +94,59 @@ class Report:
     samples: list[Sample] = field(default_factory=list)
 
 
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers 500 to the first attempt of every delivery, checks
+    each signature, and records the final events it accepted, by job."""
+
+    def __init__(self, secret: str):
+        self.secret = secret
+        self.lock = threading.Lock()
+        self.attempted: set[str] = set()  # webhook-ids seen
+        self.finals: Counter[str] = Counter()  # job id -> final events accepted
+        self.bad_signatures = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(receiver.receive(dict(self.headers.items()), body))
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def receive(self, headers: dict[str, str], body: bytes) -> int:
+        headers = {name.lower(): value for name, value in headers.items()}
+        message_id = headers.get("webhook-id", "")
+        expected = signature(self.secret, message_id, int(headers.get("webhook-timestamp", "0")), body)
+        signed = headers.get("webhook-signature", "").split()
+        with self.lock:
+            if not any(hmac.compare_digest(expected, sent) for sent in signed):
+                self.bad_signatures += 1
+                return 400
+            if message_id not in self.attempted:
+                self.attempted.add(message_id)
+                return 500  # every delivery must be retried once
+            event = json.loads(body)
+            if event.get("type") in FINAL_EVENTS:
+                self.finals[event["data"]["id"]] += 1
+            return 204
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 class Cluster:
     """Redis (AOF), one API and the workers, as child processes on loopback."""
 
-    def __init__(self, workdir: Path, model_dir: Path | None, workers: int):
+    def __init__(self, workdir: Path, model_dir: Path | None, workers: int, webhook_secret: str):
         self.workdir = workdir
         self.redis = EmbeddedRedis(workdir / "redis", persistent=True)
         self.port = free_port()
@@ -103,6 +167,9 @@ class Cluster:
             "DIT_HEARTBEAT_INTERVAL_S": "2",
             "DIT_HEARTBEAT_TTL_S": "10",
             "DIT_REAP_INTERVAL_S": "2",
+            "DIT_WEBHOOK_SECRET": webhook_secret,
+            "DIT_WEBHOOK_ALLOW": "127.0.0.1",  # the receiver; nothing else is ever sent to
+            "DIT_WEBHOOK_BACKOFF_S": WEBHOOK_BACKOFF_S,
         }
         if model_dir is not None:
             self.env["DIT_MODELS"] = json.dumps([f"{MODEL_NAME}={model_dir}"])
@@ -204,9 +271,11 @@ class Cluster:
 class Load:
     """Poisson submissions with retries, duplicates and cancels; what each answer was."""
 
-    def __init__(self, cluster: Cluster, report: Report, rng: random.Random, steps: int):
+    def __init__(self, cluster: Cluster, report: Report, rng: random.Random, steps: int, webhook_url: str):
         self.cluster, self.report, self.rng, self.steps = cluster, report, rng, steps
+        self.webhook_url = webhook_url
         self.accepted: set[str] = set()
+        self.with_webhook: set[str] = set()
         self.answers: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.client = httpx.Client(base_url=cluster.url, timeout=30)
@@ -215,9 +284,11 @@ class Load:
         with self.lock:
             self.answers[answer] += 1
 
-    def post(self, k: int) -> str | None:
+    def post(self, k: int, webhook: bool = False) -> str | None:
         """Post job k until it is accepted (same Idempotency-Key each time); its id, or None."""
-        body = {"class_labels": [k % 4], "seed": k, "num_inference_steps": self.steps}
+        body: dict[str, object] = {"class_labels": [k % 4], "seed": k, "num_inference_steps": self.steps}
+        if webhook:
+            body["webhook_url"] = self.webhook_url
         headers = {"Idempotency-Key": f"soak-{k}"}
         for _ in range(POST_ATTEMPTS):
             try:
@@ -231,6 +302,8 @@ class Load:
                 job_id: str = response.json()["id"]
                 with self.lock:
                     self.accepted.add(job_id)
+                    if webhook:
+                        self.with_webhook.add(job_id)
                 return job_id
             if response.status_code not in (429, 503):
                 return None  # a refusal no retry will change
@@ -249,7 +322,7 @@ class Load:
                     self.report.duplicate_posts_consistent += 1
             job_id = first or second
         else:
-            job_id = self.post(k)
+            job_id = self.post(k, webhook=roll > 1 - CANCEL_SHARE - WEBHOOK_SHARE)
         if job_id is None:
             with self.lock:
                 self.report.refused += 1
@@ -292,6 +365,13 @@ class Load:
                     final[job_id] = job
                     break
         return final
+
+
+def await_webhooks(receiver: Receiver, job_ids: set[str], timeout_s: float) -> None:
+    """Wait until the receiver has accepted a final event for each of `job_ids`, or timeout_s passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(not receiver.finals[job_id] for job_id in job_ids):
+        time.sleep(0.5)
 
 
 def chaos(
@@ -339,11 +419,13 @@ def run_soak(args: argparse.Namespace) -> Report:
     rng = random.Random(args.seed)
     report = Report(minutes=args.minutes)
     seconds = args.minutes * 60
+    secret = new_secret()
+    receiver = Receiver(secret)
     with tempfile.TemporaryDirectory(prefix="dit-soak-") as tmp:
-        cluster = Cluster(Path(tmp), args.model_dir, args.workers)
+        cluster = Cluster(Path(tmp), args.model_dir, args.workers, secret)
         cluster.start()
         stop = threading.Event()
-        load = Load(cluster, report, rng, args.steps)
+        load = Load(cluster, report, rng, args.steps, receiver.url)
         try:
             threads = [
                 threading.Thread(
@@ -359,6 +441,7 @@ def run_soak(args: argparse.Namespace) -> Report:
             stop.set()
             threads[0].join()
             final = load.drain(args.drain)
+            await_webhooks(receiver, load.with_webhook & set(final), WEBHOOK_WAIT_S)
             report.samples.append(
                 Sample(round(args.minutes, 2), cluster.redis_memory(), cluster.workers_rss())
             )
@@ -366,6 +449,13 @@ def run_soak(args: argparse.Namespace) -> Report:
         finally:
             stop.set()
             cluster.stop()
+            receiver.stop()
+    webhook_jobs = load.with_webhook & set(final)
+    report.webhook_jobs = len(webhook_jobs)
+    report.webhooks_delivered = sum(1 for job_id in webhook_jobs if receiver.finals[job_id])
+    report.webhooks_missing = report.webhook_jobs - report.webhooks_delivered
+    report.webhooks_duplicated = sum(max(0, count - 1) for count in receiver.finals.values())
+    report.webhooks_bad_signature = receiver.bad_signatures
     report.accepted = len(final)
     statuses = Counter(
         job.get("status", "lost") if job.get("status") in ENDED_STATUSES else "lost" for job in final.values()
@@ -398,6 +488,12 @@ def format_report(report: Report) -> str:
         ("canceled", report.canceled),
         ("lost (404 or never final)", report.lost),
         ("duplicate outputs", report.duplicate_outputs),
+        ("jobs with a webhook", report.webhook_jobs),
+        (
+            "final webhooks delivered / missing / delivered twice / badly signed",
+            f"{report.webhooks_delivered} / {report.webhooks_missing} / {report.webhooks_duplicated} / "
+            f"{report.webhooks_bad_signature}",
+        ),
         ("duplicate POSTs answered with one job", report.duplicate_posts_consistent),
         ("duplicate POSTs answered with two jobs", report.duplicate_posts_split),
         ("never accepted after retries", report.refused),
@@ -445,5 +541,13 @@ def run_soak_command(args: argparse.Namespace) -> None:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=2))
-    if report.lost or report.duplicate_outputs or report.duplicate_posts_split or report.server_errors:
+    failures = (
+        report.lost,
+        report.duplicate_outputs,
+        report.duplicate_posts_split,
+        report.server_errors,
+        report.webhooks_missing,
+        report.webhooks_bad_signature,
+    )
+    if any(failures):
         raise SystemExit(1)
