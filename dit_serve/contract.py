@@ -22,7 +22,11 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1  # the newest job schema this code writes and understands
+# The newest job schema this code writes and understands. Bump it with every field a request gains:
+# an older worker (its JobRequest forbids unknown fields) then leaves the new jobs queued for an
+# upgraded worker instead of failing them as invalid_job. 1: the first contract; 2: `priority`
+# (issue 15), `webhook_url` and `webhook_events` (issue 16).
+SCHEMA_VERSION = 2
 MAX_QUEUE_TIMEOUT_S = 86_400
 MAX_WEBHOOK_URL_CHARS = 2048
 

@@ -21,6 +21,7 @@ from dit_serve.contract import (
     ModelDefaults,
     ModelSpec,
     OutputFormat,
+    Priority,
 )
 from dit_serve.jobs import JobRecord, OutputRecord, RecordField, queue_name, record_key
 from dit_serve.queueing import enqueue_job
@@ -209,3 +210,11 @@ def test_the_api_answers_503_for_a_job_of_a_newer_schema(
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "job_schema_too_new"
     assert "upgrade" in response.json()["error"]["message"]
+
+
+def test_a_job_written_at_schema_1_is_read_by_this_worker_with_the_new_fields_defaulted() -> None:
+    stored = json.loads(_request().to_json())
+    for field in ("priority", "webhook_url", "webhook_events"):
+        stored.pop(field, None)
+    read = JobRequest.from_json(json.dumps(stored | {"schema_version": 1}))
+    assert read.schema_version == 1 and read.priority is Priority.NORMAL and read.webhook_url is None
