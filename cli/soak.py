@@ -55,6 +55,8 @@ TAKEN_BACK = "was taken back from this worker before it finished"  # worker/ledg
 CANCEL_SHARE, DUPLICATE_SHARE, WEBHOOK_SHARE = 0.1, 0.1, 0.1  # of the jobs sent: canceled soon after,
 # posted twice at once, or sent with a webhook
 WEBHOOK_BACKOFF_S = "0.5"  # the first retry of a failed delivery, so that deliveries end with the drain
+WEBHOOK_MAX_ATTEMPTS = "5"  # retries over 42 s; the receiver fails only the first attempt
+WATCH_EVERY_S = 2.0  # the watcher looks at every accepted job not yet seen ended this often
 FINAL_EVENTS = frozenset({"job.completed", "job.failed", "job.canceled"})
 MODEL_NAME = "soak"
 WEBHOOK_WAIT_S = 60.0  # after the drain, for the last deliveries (retried 0.5-1 s after a failure)
@@ -92,6 +94,11 @@ class Report:
     redis_restarts: int = 0
     api_restarts: int = 0
     samples: list[Sample] = field(default_factory=list)
+    # Steady state: the change from the sample nearest a third of the run (minute 10 of 30) to the last
+    # one taken under load, in percent (None: too short a run, or Redis was down at that sample).
+    steady_minutes: tuple[float, float] | None = None
+    redis_memory_change_pct: float | None = None
+    workers_rss_change_pct: float | None = None
 
 
 class Receiver:
@@ -146,7 +153,9 @@ class Receiver:
 class Cluster:
     """Redis (AOF), one API and the workers, as child processes on loopback."""
 
-    def __init__(self, workdir: Path, model_dir: Path | None, workers: int, webhook_secret: str):
+    def __init__(
+        self, workdir: Path, model_dir: Path | None, workers: int, webhook_secret: str, retention_s: int
+    ):
         self.workdir = workdir
         self.redis = EmbeddedRedis(workdir / "redis", persistent=True)
         self.port = free_port()
@@ -170,6 +179,12 @@ class Cluster:
             "DIT_WEBHOOK_SECRET": webhook_secret,
             "DIT_WEBHOOK_ALLOW": "127.0.0.1",  # the receiver; nothing else is ever sent to
             "DIT_WEBHOOK_BACKOFF_S": WEBHOOK_BACKOFF_S,
+            "DIT_WEBHOOK_MAX_ATTEMPTS": WEBHOOK_MAX_ATTEMPTS,
+            # Every window that keeps state per job is shorter than the run, so that Redis reaches a
+            # steady state its memory can be compared in (with the defaults it grows for 7 days).
+            "DIT_JOB_TTL_S": str(retention_s),
+            "DIT_EXPIRED_GRACE_S": str(retention_s),
+            "DIT_IDEMPOTENCY_TTL_S": str(retention_s),
         }
         if model_dir is not None:
             self.env["DIT_MODELS"] = json.dumps([f"{MODEL_NAME}={model_dir}"])
@@ -275,6 +290,7 @@ class Load:
         self.cluster, self.report, self.rng, self.steps = cluster, report, rng, steps
         self.webhook_url = webhook_url
         self.accepted: set[str] = set()
+        self.ended: dict[str, dict] = {}  # job id -> its first view in an ended state
         self.with_webhook: set[str] = set()
         self.answers: Counter[str] = Counter()
         self.lock = threading.Lock()
@@ -345,11 +361,27 @@ class Load:
                 sent += 1
         return sent
 
+    def watch(self, stop: threading.Event) -> None:
+        """Record each accepted job's first ended view, well before retention deletes it."""
+        while not stop.wait(WATCH_EVERY_S):
+            with self.lock:
+                open_ids = sorted(self.accepted - self.ended.keys())
+            for job_id in open_ids:
+                try:
+                    response = self.client.get(f"/v1/jobs/{job_id}", timeout=5)
+                except httpx.HTTPError:
+                    continue
+                job = response.json() if response.status_code == 200 else {}
+                if job.get("status") in ENDED_STATUSES:
+                    with self.lock:
+                        self.ended[job_id] = job
+
     def drain(self, timeout_s: float) -> dict[str, dict]:
-        """Wait for every accepted job to end; the last view of each (an empty dict: 404)."""
+        """Wait for every accepted job to end; the first ended view of each (an empty dict: 404 or 410,
+        gone before anyone saw it end)."""
         deadline = time.monotonic() + timeout_s
-        final: dict[str, dict] = {}
-        for job_id in sorted(self.accepted):
+        final: dict[str, dict] = dict(self.ended)
+        for job_id in sorted(self.accepted - final.keys()):
             while True:
                 try:
                     response = self.client.get(
@@ -357,7 +389,7 @@ class Load:
                     )
                 except httpx.HTTPError:
                     response = None
-                if response is not None and response.status_code == 404:
+                if response is not None and response.status_code in (404, 410):
                     final[job_id] = {}
                     break
                 job = response.json() if response is not None and response.status_code == 200 else {}
@@ -422,7 +454,7 @@ def run_soak(args: argparse.Namespace) -> Report:
     secret = new_secret()
     receiver = Receiver(secret)
     with tempfile.TemporaryDirectory(prefix="dit-soak-") as tmp:
-        cluster = Cluster(Path(tmp), args.model_dir, args.workers, secret)
+        cluster = Cluster(Path(tmp), args.model_dir, args.workers, secret, args.retention)
         cluster.start()
         stop = threading.Event()
         load = Load(cluster, report, rng, args.steps, receiver.url)
@@ -434,11 +466,13 @@ def run_soak(args: argparse.Namespace) -> Report:
                     daemon=True,
                 ),
                 threading.Thread(target=sample_forever, args=(cluster, report, stop), daemon=True),
+                threading.Thread(target=load.watch, args=(stop,), daemon=True),
             ]
             for thread in threads:
                 thread.start()
             report.sent = load.run(args.rate, seconds)
             stop.set()
+            steady_state(report)
             threads[0].join()
             final = load.drain(args.drain)
             await_webhooks(receiver, load.with_webhook & set(final), WEBHOOK_WAIT_S)
@@ -478,6 +512,24 @@ def run_soak(args: argparse.Namespace) -> Report:
     return report
 
 
+def _change_pct(before: int | None, after: int | None) -> float | None:
+    return None if not before or after is None else round(100 * (after - before) / before, 1)
+
+
+def steady_state(report: Report) -> None:
+    """Compare the sample nearest a third of the run with the last one taken under load."""
+    under_load = [sample for sample in report.samples if sample.redis_used_memory is not None]
+    if len(under_load) < 2:
+        return
+    first = min(under_load, key=lambda sample: abs(sample.minute - report.minutes / 3))
+    last = under_load[-1]
+    if last.minute <= first.minute:
+        return
+    report.steady_minutes = (first.minute, last.minute)
+    report.redis_memory_change_pct = _change_pct(first.redis_used_memory, last.redis_used_memory)
+    report.workers_rss_change_pct = _change_pct(first.workers_rss, last.workers_rss)
+
+
 def format_report(report: Report) -> str:
     rows = [
         ("minutes", report.minutes),
@@ -504,6 +556,14 @@ def format_report(report: Report) -> str:
             f"{report.worker_kills} / {report.redis_restarts} / {report.api_restarts}",
         ),
     ]
+    if report.steady_minutes is not None:
+        rows.append(
+            (
+                f"change from minute {report.steady_minutes[0]} to {report.steady_minutes[1]}: Redis "
+                "memory, worker RSS",
+                f"{report.redis_memory_change_pct}%, {report.workers_rss_change_pct}%",
+            )
+        )
     for sample in (report.samples[0], report.samples[-1]) if report.samples else ():
         rows.append(
             (
@@ -531,6 +591,12 @@ def add_soak_parser(commands: argparse._SubParsersAction) -> None:
         "--model-dir", type=Path, default=None, help="an image model (default: the bundled one)"
     )
     soak.add_argument("--drain", type=float, default=300.0, help="seconds to wait for accepted jobs to end")
+    soak.add_argument(
+        "--retention",
+        type=int,
+        default=180,
+        help="DIT_JOB_TTL_S, DIT_EXPIRED_GRACE_S and DIT_IDEMPOTENCY_TTL_S of the soaked service (s)",
+    )
     soak.add_argument("--seed", type=int, default=0)
     soak.add_argument("--json", type=Path, default=None, help="also write the report here")
 

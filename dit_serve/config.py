@@ -6,6 +6,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dit_serve.idempotency import IDEMPOTENCY_TTL_S
 from dit_serve.metrics import DEFAULT_WORKER_METRICS_PORT
 from dit_serve.scheduling import DEFAULT_AGING_S
 from dit_serve.webhook_guard import AllowList
@@ -123,6 +124,8 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     # ... then its id answers 410 job_expired for this long (0: 404 at once), then 404 job_not_found.
     expired_grace_s: int = Field(7 * 24 * 3600, ge=0)
+    # An Idempotency-Key names its job for this long after the first request that used it.
+    idempotency_ttl_s: int = Field(IDEMPOTENCY_TTL_S, ge=1)
     # False: the sweep deletes records only, and outputs are left to a bucket lifecycle rule.
     delete_outputs: bool = True
     # The API refuses a request body larger than this (413 body_too_large) without reading it all.

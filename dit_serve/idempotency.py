@@ -1,4 +1,4 @@
-"""Idempotent submissions: one job per caller, Idempotency-Key and body, for 24 hours.
+"""Idempotent submissions: one job per caller, Idempotency-Key and body, for 24 hours by default.
 
 The first request with a key claims it atomically (one Lua script), so of many concurrent identical
 requests exactly one creates a job; the others, and later retries, get that job. The same key with a
@@ -14,7 +14,7 @@ from redis import Redis
 
 from dit_serve.jobs import KEY_PREFIX
 
-IDEMPOTENCY_TTL_S = 24 * 3600
+IDEMPOTENCY_TTL_S = 24 * 3600  # the default of DIT_IDEMPOTENCY_TTL_S
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # 1-255 visible ASCII characters
 
@@ -54,10 +54,17 @@ def fingerprint(route: str, canonical_body: str) -> str:
     return hashlib.sha256(f"{route}\0{canonical_body}".encode()).hexdigest()
 
 
-def claim(redis: Redis, scope: str, key: str, request_fingerprint: str, job_id: str) -> Claim:
-    """Claim `key` for a new job `job_id`, or learn which job it already names."""
+def claim(
+    redis: Redis,
+    scope: str,
+    key: str,
+    request_fingerprint: str,
+    job_id: str,
+    ttl_s: int = IDEMPOTENCY_TTL_S,
+) -> Claim:
+    """Claim `key` for a new job `job_id` for `ttl_s`, or learn which job it already names."""
     outcome, claimed_job = redis.register_script(_CLAIM_SCRIPT)(
-        keys=[claim_key(scope, key)], args=[request_fingerprint, job_id, IDEMPOTENCY_TTL_S]
+        keys=[claim_key(scope, key)], args=[request_fingerprint, job_id, ttl_s]
     )
     return Claim(ClaimOutcome(outcome.decode()), claimed_job.decode())
 

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 def test_a_two_minute_soak_loses_nothing(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     command = [sys.executable, "-m", "cli", "soak", "--minutes", "2", "--rate", "2", "--kill-every", "20"]
+    command += ["--retention", "30"]  # jobs expire during the run: the soak must see each end first
     command += ["--steps", "4", "--model-dir", str(model_dirs["img"]), "--drain", "120", "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -60,7 +60,7 @@ def _submit(
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     scope = caller.name or ""  # keys are per API key ("" with auth off)
     if idempotency_key is not None:
-        claimed = _claim(redis, scope, idempotency_key, request.url.path, body, job_id)
+        claimed = _claim(redis, scope, idempotency_key, request.url.path, body, job_id, settings)
         if claimed.outcome is not ClaimOutcome.NEW:
             response.headers["Location"] = f"/v1/jobs/{claimed.job_id}"
             response.headers["Idempotent-Replayed"] = "true"
@@ -133,17 +133,25 @@ def _quota_exceeded(redis: Redis, model: str, live: int, settings: Settings) -> 
 
 
 def _claim(
-    redis: Redis, scope: str, key: str, route: str, body: ImageRequest | VideoRequest, job_id: str
+    redis: Redis,
+    scope: str,
+    key: str,
+    route: str,
+    body: ImageRequest | VideoRequest,
+    job_id: str,
+    settings: Settings,
 ) -> Claim:
     """Claim the Idempotency-Key for this request; 409 if it was used with another body."""
     if not VALID_KEY.match(key):
         raise InvalidRequest(
             f"{IDEMPOTENCY_HEADER} must be 1-255 visible ASCII characters", "invalid_idempotency_key"
         )
-    claimed = claim(redis, scope, key, fingerprint(route, body.model_dump_json(exclude_unset=True)), job_id)
+    request_fingerprint = fingerprint(route, body.model_dump_json(exclude_unset=True))
+    claimed = claim(redis, scope, key, request_fingerprint, job_id, settings.idempotency_ttl_s)
     if claimed.outcome is ClaimOutcome.CONFLICT:
         raise Conflict(
-            f"{IDEMPOTENCY_HEADER} {key!r} was used with a different request within the last 24 h "
+            f"{IDEMPOTENCY_HEADER} {key!r} was used with a different request within the last "
+            f"{settings.idempotency_ttl_s} s "
             f"(job {claimed.job_id}); use a new key for a new request",
             "idempotency_key_reused",
         )
@@ -156,7 +164,7 @@ def _replayed(redis: Redis, job_id: str) -> JobBody:
     while True:
         try:
             return job_body(redis, job_id)
-        except Gone as exc:  # possible when DIT_JOB_TTL_S is shorter than the key's 24 h
+        except Gone as exc:  # possible when DIT_JOB_TTL_S is shorter than DIT_IDEMPOTENCY_TTL_S
             raise Conflict(
                 f"{IDEMPOTENCY_HEADER} created job {job_id}, which has expired since; use a new key for "
                 "a new request",
