@@ -25,10 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # The newest job schema this code writes and understands. Bump it with every field a request gains:
 # an older worker (its JobRequest forbids unknown fields) then leaves the new jobs queued for an
 # upgraded worker instead of failing them as invalid_job. 1: the first contract; 2: `priority`
-# (issue 15), `webhook_url` and `webhook_events` (issue 16).
-SCHEMA_VERSION = 2
+# (issue 15), `webhook_url` and `webhook_events` (issue 16); 3: `previews` (issue 17).
+SCHEMA_VERSION = 3
 MAX_QUEUE_TIMEOUT_S = 86_400
 MAX_WEBHOOK_URL_CHARS = 2048
+MAX_PREVIEW_EVERY = 1000  # previews: at most one every this many steps (more steps than any job has)
 
 
 class JobKind(StrEnum):
@@ -150,6 +151,14 @@ class ClientOptions(BaseModel):
         max_length=len(WebhookEvent),
         description="the events to send (needs webhook_url): started, progress (at most every 500 ms), "
         "completed (the end, however the job ended); default: completed",
+    )
+
+    previews: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PREVIEW_EVERY,
+        description="send a preview event (a small PNG per output, decoded cheaply from the predicted "
+        "clean latent) every this many denoising steps on GET /v1/jobs/{id}/events; default: none",
     )
 
     @model_validator(mode="after")
