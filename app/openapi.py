@@ -199,7 +199,7 @@ VIDEO_NOT_FOUND = DocumentedError(
     ("job_not_found", "video_not_found", "output_not_found"),
     "no such video: never created, deleted, expired, created by another API key, or an image job",
 )
-VIDEO_NOT_READY = DocumentedError(400, ("video_not_ready",), "the video has not completed: it has no content")
+
 VIDEO_RUNNING = DocumentedError(
     409, ("video_running",), "the video was asked to stop but still runs after 30 s; retry the DELETE"
 )
@@ -207,6 +207,9 @@ UNSUPPORTED_SECONDS = DocumentedError(
     400, ("unsupported_seconds",), "`seconds` that the model's frames cannot last at a whole fps from 1 to 60"
 )
 STREAM_UNSUPPORTED = DocumentedError(400, ("stream_unsupported",), "`stream: true` (not supported yet)")
+VIDEO_NOT_READY = DocumentedError(
+    409, ("video_not_ready",), "the video has not completed: it has no content yet", NOT_RETRIED
+)
 GENERATION_FAILED = DocumentedError(
     500,
     (
@@ -265,7 +268,8 @@ OPENAI_IMAGES_RESPONSES = openai_error_responses(
 OPENAI_SUBMISSION_RESPONSES = openai_error_responses(*OPENAI_SUBMISSION_ERRORS, UNSUPPORTED_SECONDS)
 _OPENAI_READ_ERRORS = (UNAUTHORIZED, REDIS_UNAVAILABLE, JOB_SCHEMA_TOO_NEW, INVALID_PARAMETER)
 OPENAI_LIST_RESPONSES = openai_error_responses(*_OPENAI_READ_ERRORS, INVALID_CURSOR)
-OPENAI_READ_RESPONSES = openai_error_responses(
+OPENAI_READ_RESPONSES = openai_error_responses(*_OPENAI_READ_ERRORS, VIDEO_NOT_FOUND, JOB_EXPIRED)
+OPENAI_CONTENT_RESPONSES = openai_error_responses(
     *_OPENAI_READ_ERRORS, VIDEO_NOT_FOUND, JOB_EXPIRED, VIDEO_NOT_READY
 )
 OPENAI_DELETE_RESPONSES = openai_error_responses(

@@ -30,6 +30,9 @@ from dit_serve.webhooks import job_deliveries
 RQ_STATUS_FIELD = "status"
 TIME_DECIMALS = 3
 WAIT_SLICE_S = 1.0  # look at the job again at least this often while waiting (a reaped job signals nothing)
+# Redis counts a blocking command's timeout in whole milliseconds, and 0 means forever: a wait with
+# less left than this ends instead of blocking.
+MIN_BLOCK_S = 0.001
 
 
 def output_url(job_id: str, index: int) -> str:
@@ -164,7 +167,7 @@ async def wait_for_end(request: Request, redis: Redis, job_id: str, caller: Call
     """
     body = await run_in_threadpool(job_body, redis, job_id, caller)
     deadline = time.monotonic() + wait_s
-    while body.status not in ENDED_STATUSES and (remaining := deadline - time.monotonic()) > 0:
+    while body.status not in ENDED_STATUSES and (remaining := deadline - time.monotonic()) >= MIN_BLOCK_S:
         key = ended_key(job_id)
         await request.app.state.waits.blmove(key, key, min(remaining, WAIT_SLICE_S), "RIGHT", "LEFT")
         body = await run_in_threadpool(job_body, redis, job_id, caller)

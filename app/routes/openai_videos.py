@@ -15,10 +15,11 @@ from fastapi.concurrency import run_in_threadpool
 from app.auth import Caller, CallerDep, get_caller
 from app.deps import RedisDep, SettingsDep, StorageDep
 from app.errors import NotFound
-from app.openai_errors import OpenAIError, OpenAIMultipartRoute, OpenAIRoute
+from app.openai_errors import NO_RETRY, OpenAIError, OpenAIMultipartRoute, OpenAIRoute
 from app.openai_schemas import Video, VideoDeleted, VideoForm, VideoList
 from app.openai_views import video_object, video_request
 from app.openapi import (
+    OPENAI_CONTENT_RESPONSES,
     OPENAI_DELETE_RESPONSES,
     OPENAI_LIST_RESPONSES,
     OPENAI_READ_RESPONSES,
@@ -134,7 +135,7 @@ async def delete_video(
             "description": "the MP4, or its first frame as WebP",
             "content": VIDEO_CONTENT | THUMBNAIL_CONTENT,
         },
-        **OPENAI_READ_RESPONSES,
+        **OPENAI_CONTENT_RESPONSES,
     },
 )
 def download_video(
@@ -150,9 +151,11 @@ def download_video(
     job = _video_job(redis, video_id, caller)
     if job.status != "completed":
         raise OpenAIError(
-            400,
+            409,
             "video_not_ready",
-            f"video {video_id} is {video_object(job, 0).status}, not completed: it has no content",
+            f"video {video_id} is {video_object(job, 0).status}, not completed: it has no content yet; "
+            "wait until GET /v1/videos/{id} says completed",
+            headers=NO_RETRY,  # the SDK would retry a 409 within seconds, long before most videos end
         )
     record, _ = read_record(redis, video_id, caller)
     output = record.outputs[0]
