@@ -154,7 +154,7 @@ def test_red_circle_in_chromium(redis_url: str, tmp_path: Path) -> None:
         assert "unauthorized" in page.inner_text("#error") and "API key" in page.inner_text("#error")
 
         page.fill("#api-key", secret)
-        page.dispatch_event("#api-key", "change")
+        page.press("#api-key", "Tab")  # leaving the field stores the key and reloads the models
         page.wait_for_selector(f"#model option[value='{VIDEO_MODEL_NAME}']", state="attached")
         assert page.is_hidden("#error")
         page.select_option("#model", VIDEO_MODEL_NAME)  # a video model's form asks for frames, not outputs

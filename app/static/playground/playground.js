@@ -19,6 +19,7 @@ const FINAL_EVENTS = new Set(["completed", "failed", "canceled"]);
 const BASE = new URL(".", document.baseURI);
 const $ = (id) => document.getElementById(id);
 let models = []; // ModelSpec objects from GET /v1/models
+let formModel = null; // the model the form was built for
 let jobId = null; // the job being followed, for Cancel
 let objectUrls = []; // blob: URLs of shown outputs, freed when the gallery is cleared
 
@@ -187,6 +188,7 @@ function buildForm(spec) {
     field("Preview every", number("previews", "int", { min: 1, max: LIMITS.steps, value: DEFAULT_PREVIEWS }), "steps; empty: no previews"),
   ];
   $("fields").replaceChildren(...fields);
+  formModel = spec.name;
   const conditioning = spec.conditioning === "class" ? "class labels" : "text";
   $("model-info").textContent = `${spec.kind}, ${spec.family}, conditioned on ${conditioning}`;
   showCurl();
@@ -360,19 +362,22 @@ async function loadModels() {
   $("model").replaceChildren(...models.map((spec) => element("option", { value: spec.name }, [`${spec.name} (${spec.kind})`])));
   if (!models.length) {
     $("fields").replaceChildren();
+    formModel = null;
     $("model-info").textContent = "No model is served: start a worker (dit-serve worker).";
     return;
   }
   if (models.some((spec) => spec.name === previous)) $("model").value = previous;
-  buildForm(currentSpec());
+  // Rebuild only for another model: a new key must not wipe what the visitor typed.
+  if ($("model").value !== formModel) buildForm(currentSpec());
 }
 
 function start() {
   $("api-key").value = localStorage.getItem(KEY_STORAGE) ?? "";
   $("api-key").addEventListener("change", () => {
     localStorage.setItem(KEY_STORAGE, apiKey());
-    loadModels(); // a key may see models (or an answer) that no key did not
+    loadModels(); // with auth on, the models answer only to a key
   });
+  $("api-key").addEventListener("input", () => showCurl(jobId)); // the curl command's -H line
   $("model").addEventListener("change", () => buildForm(currentSpec()));
   $("request").addEventListener("input", () => showCurl(jobId));
   $("request").addEventListener("submit", submit);
