@@ -12,6 +12,8 @@ writes its screenshot to docs/images/playground.png, which the README shows.
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 from redis import Redis
 
 from app import schemas
@@ -28,7 +30,7 @@ from app.playground import STATIC_DIR
 from dit_serve.config import get_settings
 from dit_serve.keys import create_key
 from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
-from tests.conftest import running_service
+from tests.conftest import Service, running_service
 from tests.test_docs_ui import ASSET_TYPES, CHROMIUM_FLAGS, MIN_ASSET_BYTES, _chromium, references
 
 SCRIPT = STATIC_DIR / "playground.js"
@@ -66,6 +68,23 @@ PIXELS = """
   context.drawImage(img, 0, 0);
   const pixels = context.getImageData(0, 0, canvas.width, canvas.height);
   return [canvas.width, canvas.height, Array.from(pixels.data)];
+}
+"""
+
+
+# Feeds byte chunks to sse.js's parser through a real Response and collects what it yields.
+PARSE = """
+async ({ module, chunks }) => {
+  const { serverSentEvents } = await import(module);
+  const body = new ReadableStream({
+    start(controller) {
+      chunks.forEach((chunk) => controller.enqueue(new Uint8Array(chunk)));
+      controller.close();
+    },
+  });
+  const events = [];
+  for await (const event of serverSentEvents(new Response(body))) events.push(event);
+  return events;
 }
 """
 
@@ -114,6 +133,53 @@ def test_playground_leaves_other_paths_to_the_api(client: TestClient) -> None:
     assert "/" not in client.get("/openapi.json").json()["paths"]
 
 
+@contextmanager
+def _chromium_browser() -> Iterator[Browser]:
+    """Debian's chromium under playwright (no `playwright install`), resolving no host but 127.0.0.1."""
+    chromium = _chromium()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium, args=[flag for flag in CHROMIUM_FLAGS if flag != "--headless"]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_event_stream_parser_in_chromium(redis_url: str, tmp_path: Path) -> None:
+    """sse.js, as the page loads it, parses a stream cut at awkward places: inside a field, inside a
+    CRLF, inside a UTF-8 character; comments and data-less events are skipped, ids carry over."""
+    stream = (
+        ': keep-alive\r\nevent: progress\r\nid: 1-0\r\ndata: {"step": 1}\r\n\r\n'
+        "event: preview\nid: 2-0\ndata: line one\ndata: caf\u00e9\n\n"
+        "data:no space\n\n"
+        "event: no-data\n\n"
+        "event: completed\ndata: cut off before its blank line\n"
+    ).encode()
+    cuts = [
+        stream.index(b"1-0") + 4,  # between the CR and the LF ending a line inside an event
+        stream.index("\u00e9".encode()) + 1,  # between the two bytes of a character
+        stream.index(b"no space"),  # after a field's colon
+    ]
+    chunks = [list(stream[start:end]) for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    svc = Service(redis_url, tmp_path, models={})
+    try:
+        svc.start_api()
+        with _chromium_browser() as browser:
+            page = browser.new_page()
+            page.goto(f"{svc.base_url}/")
+            parsed = page.evaluate(PARSE, {"module": f"{svc.base_url}/playground/sse.js", "chunks": chunks})
+    finally:
+        svc.stop()
+    assert parsed == [
+        {"type": "progress", "id": "1-0", "data": '{"step": 1}'},
+        {"type": "preview", "id": "2-0", "data": "line one\ncaf\u00e9"},
+        {"type": "message", "id": "2-0", "data": "no space"},
+    ]
+
+
 def _shape_pixels(page: Page, image: object) -> tuple[np.ndarray, int]:
     """The (N, 3) RGB values of the image's saturated pixels, and its number of pixels."""
     width, height, data = page.evaluate(PIXELS, image)
@@ -134,14 +200,10 @@ def _save_screenshot(page: Page, tmp_path: Path) -> None:
 def test_red_circle_in_chromium(redis_url: str, tmp_path: Path) -> None:
     """With auth on: the page shows the API's errors, then a 'red circle' job's progress, its previews,
     and red pictures; the curl command never holds the key; the page loads nothing from elsewhere."""
-    chromium = _chromium()
     models = {IMAGE_MODEL_NAME: IMAGE_MODEL_DIR, VIDEO_MODEL_NAME: VIDEO_MODEL_DIR}
     env = {"DIT_AUTH": "on", "DIT_DEFAULT_MODEL": IMAGE_MODEL_NAME}
-    with running_service(redis_url, tmp_path, models, env) as svc, sync_playwright() as playwright:
+    with running_service(redis_url, tmp_path, models, env) as svc, _chromium_browser() as browser:
         _, secret = create_key(Redis.from_url(redis_url), "playground")
-        browser = playwright.chromium.launch(
-            executable_path=chromium, args=[flag for flag in CHROMIUM_FLAGS if flag != "--headless"]
-        )
         page = browser.new_page(viewport=VIEWPORT)
         page.set_default_timeout(PAGE_TIMEOUT_MS)
         requested: list[str] = []
@@ -197,6 +259,5 @@ def test_red_circle_in_chromium(redis_url: str, tmp_path: Path) -> None:
         assert '"prompt":"red circle"' in curl and "Bearer $DIT_API_KEY" in curl and secret not in curl
         assert "/events" in curl
         _save_screenshot(page, tmp_path)
-        browser.close()
     outside = [url for url in requested if not url.startswith((svc.base_url, "data:", "blob:"))]
     assert outside == [], f"the page loaded from elsewhere: {outside}"

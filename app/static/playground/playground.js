@@ -1,5 +1,8 @@
-// The dit-serve playground: a plain client of the public API, in one module with no dependencies,
-// so that it works offline and reads as an example of using the API (README, "Playground").
+// The dit-serve playground: a plain client of the public API in two small modules with no dependencies
+// (this one and sse.js), so that it works offline and reads as an example of using the API (README,
+// "Playground").
+
+import { serverSentEvents } from "./sse.js";
 
 // The API's own bounds on request fields (app/schemas.py; tests/test_playground.py keeps them equal).
 // The server checks them too; the form uses them so that a slip is caught before a round trip.
@@ -60,38 +63,6 @@ async function api(path, { headers = {}, ...options } = {}) {
   }
   const { code = `http_${response.status}`, message = response.statusText } = body?.error ?? {};
   throw new ApiError(response.status, code, message);
-}
-
-// ---- Server-Sent Events, read with fetch() ------------------------------------------------------
-// EventSource cannot send an Authorization header, so the stream is read here and its lines parsed
-// as the SSE format says: "field: value" lines, an empty line ends an event, ":" starts a comment.
-
-async function* serverSentEvents(response) {
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  let event = { type: "message", data: [], id: null };
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value;
-    // A lone "\r" at the end may be half of a "\r\n" split across chunks: it waits for the next one.
-    const lines = buffer.split(/\r\n|\r(?!$)|\n/);
-    buffer = lines.pop();
-    for (const line of lines) {
-      if (line === "") {
-        if (event.data.length) yield { ...event, data: event.data.join("\n") };
-        event = { type: "message", data: [], id: event.id };
-        continue;
-      }
-      if (line.startsWith(":")) continue; // a comment: the server's keep-alive
-      const colon = line.indexOf(":");
-      const field = colon < 0 ? line : line.slice(0, colon);
-      const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-      if (field === "event") event.type = text;
-      else if (field === "data") event.data.push(text);
-      else if (field === "id") event.id = text;
-    }
-  }
 }
 
 // Follow a job's events to its final one, resuming from the last event id when the stream drops.
