@@ -1,7 +1,7 @@
 """The playground: a page at / that tries the API from a browser, served without internet access.
 
-Three static files (app/static/playground: the page, its ES module and its stylesheet), no build step
-and nothing from another host. The page is a plain client of the public API (GET /v1/models, POST
+Four static files (app/static/playground: the page, its two ES modules and its stylesheet), no build
+step and nothing from another host. The page is a plain client of the public API (GET /v1/models, POST
 /v1/images|videos, GET /v1/jobs/{id}/events, GET /v1/jobs/{id}/outputs/{k}), so it needs no route of
 its own beyond these files, and no API key: the visitor types one into the page when auth is on.
 
