@@ -65,16 +65,17 @@ async function api(path, { headers = {}, ...options } = {}) {
   throw new ApiError(response.status, code, message);
 }
 
-// Follow a job's events to its final one, resuming from the last event id when the stream drops.
-// Returns the final event's job object.
+// Follow a job's events to its final one, resuming from the last event id when the stream drops
+// (a proxy's idle timeout, a restarted API). Returns the final event's job object.
 async function followEvents(id, onEvent) {
   let lastId = null;
-  for (let attempt = 0; attempt <= RECONNECTS; attempt++) {
+  for (let failures = 0; failures <= RECONNECTS; failures++) {
     const headers = { Accept: "text/event-stream", ...(lastId ? { "Last-Event-ID": lastId } : {}) };
     try {
       const response = await api(`v1/jobs/${id}/events`, { headers });
       for await (const event of serverSentEvents(response)) {
         if (event.id) lastId = event.id;
+        failures = 0; // only drops in a row, with nothing received between them, count
         const payload = JSON.parse(event.data);
         if (FINAL_EVENTS.has(event.type)) return payload;
         onEvent(event.type, payload);
@@ -128,35 +129,58 @@ function promptFields(spec) {
     return [field("Class id", number("class_labels", "ids", attributes), `0 to ${spec.num_classes - 1}`)];
   }
   // Free text with the labels offered as suggestions: the API matches the text to a label.
-  const labels = element("datalist", { id: "labels" }, spec.labels.map((label) => element("option", { value: label })));
   const input = element("input", { ...prompt, list: "labels", placeholder: spec.labels[0] });
-  return [field("Prompt (a label)", input, `${spec.labels.length} labels, e.g. ${spec.labels.slice(0, 3).join(", ")}`), labels];
+  const examples = `${spec.labels.length} labels, e.g. ${spec.labels.slice(0, 3).join(", ")}`;
+  return [field("Prompt (a label)", input, examples), suggestions("labels", spec.labels)];
+}
+
+function suggestions(id, values) {
+  return element("datalist", { id }, values.map((value) => element("option", { value })));
 }
 
 function sizeField(spec) {
-  if (!spec.size_multiple) return field("Size", choice("size", spec.sizes, spec.default_size));
-  const sizes = element("datalist", { id: "sizes" }, spec.sizes.map((size) => element("option", { value: size })));
-  const input = element("input", { name: "size", "data-type": "text", list: "sizes", value: spec.default_size, pattern: "[1-9][0-9]*x[1-9][0-9]*" });
+  if (!spec.size_multiple) return [field("Size", choice("size", spec.sizes, spec.default_size))];
+  // Any WxH on the model's grid is accepted: free text, with the listed sizes as suggestions.
+  const attributes = { list: "sizes", value: spec.default_size, pattern: "[1-9][0-9]*x[1-9][0-9]*" };
+  const input = element("input", { name: "size", "data-type": "text", ...attributes });
   const limit = spec.max_pixels ? `, at most ${spec.max_pixels} pixels` : "";
-  return field("Size (WxH)", input, `sides multiples of ${spec.size_multiple}${limit}`);
+  const hint = `sides multiples of ${spec.size_multiple}${limit}`;
+  return [field("Size (WxH)", input, hint), suggestions("sizes", spec.sizes)];
+}
+
+// Videos: frames (1 + a multiple of frames_multiple, which the input's step gives) and fps; images: n.
+function kindFields(spec) {
+  if (spec.kind === "image") {
+    return [field("Outputs", number("n", "int", { min: 1, max: LIMITS.n, value: 1 }))];
+  }
+  const { max_frames: max, frames_multiple: step } = spec;
+  const frames = { min: 1, max, step, value: spec.defaults.num_frames };
+  return [
+    field("Frames", number("num_frames", "int", frames)),
+    field("FPS", number("fps", "int", { min: 1, max: LIMITS.fps, value: DEFAULT_FPS })),
+  ];
 }
 
 function buildForm(spec) {
-  const { defaults } = spec;
-  const video = spec.kind === "video";
+  const { num_inference_steps: steps, guidance_scale: guidance } = spec.defaults;
   const fields = [
     ...promptFields(spec),
-    sizeField(spec),
-    field("Steps", number("num_inference_steps", "int", { min: 1, max: LIMITS.steps, value: defaults.num_inference_steps })),
-    field("Guidance", number("guidance_scale", "float", { min: 0, max: LIMITS.guidance, step: "any", value: defaults.guidance_scale }), "1 or less: no guidance"),
-    field("Seed", number("seed", "int", { min: 0, max: MAX_SEED, placeholder: "random" }), "output k uses seed + k"),
-    video
-      ? field("Frames", number("num_frames", "int", { min: 1, max: spec.max_frames, step: spec.frames_multiple, value: defaults.num_frames }))
-      : field("Outputs", number("n", "int", { min: 1, max: LIMITS.n, value: 1 })),
-    ...(video ? [field("FPS", number("fps", "int", { min: 1, max: LIMITS.fps, value: DEFAULT_FPS }))] : []),
+    ...sizeField(spec),
+    field("Steps", number("num_inference_steps", "int", { min: 1, max: LIMITS.steps, value: steps })),
+    field(
+      "Guidance",
+      number("guidance_scale", "float", { min: 0, max: LIMITS.guidance, step: "any", value: guidance }),
+      "1 or less: no guidance",
+    ),
+    field("Seed", number("seed", "int", { min: 0, max: MAX_SEED, placeholder: "random" }), "output k: seed + k"),
+    ...kindFields(spec),
     field("Format", choice("output_format", FORMATS[spec.kind], FORMATS[spec.kind][0])),
     field("Priority", choice("priority", PRIORITIES, PRIORITIES[0])),
-    field("Preview every", number("previews", "int", { min: 1, max: LIMITS.steps, value: DEFAULT_PREVIEWS }), "steps; empty: no previews"),
+    field(
+      "Preview every",
+      number("previews", "int", { min: 1, max: LIMITS.steps, value: DEFAULT_PREVIEWS }),
+      "steps; empty: no previews",
+    ),
   ];
   $("fields").replaceChildren(...fields);
   formModel = spec.name;
@@ -188,7 +212,8 @@ function currentSpec() {
 // The same request as a shell command, with the key left in an environment variable.
 function curlCommand(method, path, body) {
   const auth = apiKey() ? ` \\\n  -H "Authorization: Bearer $DIT_API_KEY"` : "";
-  const send = body ? ` \\\n  -H 'Content-Type: application/json' \\\n  -d '${JSON.stringify(body).replaceAll("'", "'\\''")}'` : "";
+  const json = body && JSON.stringify(body).replaceAll("'", "'\\''"); // a ' closes, escapes and reopens
+  const send = body ? ` \\\n  -H 'Content-Type: application/json' \\\n  -d '${json}'` : "";
   return `curl -s${method === "GET" ? "N" : ""} ${apiUrl(path).href}${auth}${send}`;
 }
 
@@ -230,7 +255,8 @@ function clearJob() {
 function slot(index) {
   let figure = $("gallery").querySelector(`figure[data-index="${index}"]`);
   if (!figure) {
-    figure = element("figure", { "data-index": index }, [element("div", { class: "media" }), element("figcaption")]);
+    const parts = [element("div", { class: "media" }), element("figcaption")];
+    figure = element("figure", { "data-index": index }, parts);
     $("gallery").append(figure);
   }
   return figure;
@@ -253,7 +279,8 @@ const HANDLERS = {
     setStatus(`Step ${event.step} of ${event.steps} (${event.percent}%)${eta(event.eta_s)}`);
   },
   preview: (event) => {
-    const image = element("img", { src: `data:${event.content_type};base64,${event.b64_json}`, alt: `preview of output ${event.index}`, class: "preview" });
+    const src = `data:${event.content_type};base64,${event.b64_json}`;
+    const image = element("img", { src, alt: `preview of output ${event.index}`, class: "preview" });
     showMedia(event.index, image, [`preview at step ${event.step} of ${event.steps}`]);
   },
 };
@@ -266,11 +293,12 @@ async function showOutput(job, output) {
   const alt = `output ${output.index} of job ${job.id}`;
   const media =
     output.content_type === "video/mp4"
-      ? element("video", { src: url, controls: "", loop: "", autoplay: "", muted: "", playsinline: "", "aria-label": alt })
+      ? element("video", { src: url, controls: "", loop: "", autoplay: "", playsinline: "", "aria-label": alt })
       : element("img", { src: url, alt, class: "output" });
-  media.muted = true; // the attribute alone does not mute a scripted <video>, and browsers autoplay only muted ones
+  media.muted = true; // browsers autoplay only muted videos (the property, not the attribute, mutes)
   const extension = output.content_type.split("/")[1];
-  const download = element("a", { href: url, download: `${job.id}-${output.index}.${extension}` }, ["Download"]);
+  const name = `${job.id}-${output.index}.${extension}`;
+  const download = element("a", { href: url, download: name }, ["Download"]);
   showMedia(output.index, media, [`seed ${output.seed} · `, download]);
 }
 
@@ -279,8 +307,8 @@ async function finish(job) {
   $("cancel").hidden = true;
   if (job.status === "completed") {
     $("progress").value = 100;
-    const seconds = job.completed_at && job.started_at ? ` in ${(job.completed_at - job.started_at).toFixed(1)} s` : "";
-    setStatus(`Completed${seconds}`);
+    const timed = job.started_at && job.completed_at; // unix seconds, null when unknown
+    setStatus(timed ? `Completed in ${(job.completed_at - job.started_at).toFixed(1)} s` : "Completed");
     await Promise.all(job.outputs.map((output) => showOutput(job, output)));
   } else if (job.status === "failed") {
     setStatus("Failed");
@@ -330,7 +358,8 @@ async function loadModels() {
     showError(error);
   }
   const previous = $("model").value;
-  $("model").replaceChildren(...models.map((spec) => element("option", { value: spec.name }, [`${spec.name} (${spec.kind})`])));
+  const options = models.map((spec) => element("option", { value: spec.name }, [`${spec.name} (${spec.kind})`]));
+  $("model").replaceChildren(...options);
   if (!models.length) {
     $("fields").replaceChildren();
     formModel = null;
