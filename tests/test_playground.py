@@ -192,6 +192,7 @@ def _save_screenshot(page: Page, tmp_path: Path) -> None:
     shot = tmp_path / "playground.png"
     page.screenshot(path=str(shot), full_page=True)
     if os.environ.get("DIT_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(shot) as image:
             image.convert("RGB").quantize(SCREENSHOT_COLOURS).save(SCREENSHOT, optimize=True)
 
