@@ -55,8 +55,17 @@ class OpenAIImageRequest(ImageRequest):
     output_compression: int | None = Field(
         None, ge=0, le=MAX_COMPRESSION, description="accepted, no effect (JPEG/WebP quality is fixed at 95)"
     )
-    stream: bool | None = Field(None, description="false or absent; true is not supported yet (a 400)")
-    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, description="with stream only")
+    stream: bool | None = Field(
+        None,
+        description="true: Server-Sent Events, image_generation.partial_image (partial_images of them per "
+        "image) then one image_generation.completed per image",
+    )
+    partial_images: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_PARTIAL_IMAGES,
+        description="with stream: previews per image, taken during denoising (default 0)",
+    )
     quality: str | None = Field(None, max_length=20, description="accepted, no effect")
     background: str | None = Field(None, max_length=20, description="accepted, no effect")
     style: str | None = Field(None, max_length=20, description="accepted, no effect")
@@ -86,6 +95,48 @@ class ImagesResponse(BaseModel):
     size: str
     id: str = Field(description="extension: the job id, for GET /v1/jobs/{id}")
     seed: int = Field(description="extension: the seed of the first image; image k used seed + k")
+
+
+class TokenDetails(BaseModel):
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """OpenAI counts tokens of its GPT image models; ours have none, so every count is 0."""
+
+    input_tokens: int = 0
+    input_tokens_details: TokenDetails = TokenDetails()
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class PartialImageEvent(BaseModel):
+    """`stream: true`: a preview of one image, taken during denoising (a job `preview` event)."""
+
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    b64_json: str = Field(description="a PNG decoded cheaply from the predicted clean latent")
+    created_at: int
+    size: str
+    quality: Literal["auto"] = "auto"
+    background: Literal["auto"] = "auto"
+    output_format: Literal["png"] = "png"
+    partial_image_index: int = Field(description="0-based, per image")
+    index: int = Field(description="extension: which image of the n it previews")
+
+
+class CompletedImageEvent(BaseModel):
+    """`stream: true`: one finished image (one such event per image of the n)."""
+
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    b64_json: str
+    created_at: int
+    size: str
+    quality: Literal["auto"] = "auto"
+    background: Literal["auto"] = "auto"
+    output_format: Literal["png", "jpeg", "webp"]
+    usage: Usage = Usage()
+    index: int = Field(description="extension: which image of the n this is")
 
 
 class VideoForm(BaseModel):

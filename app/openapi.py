@@ -206,7 +206,6 @@ VIDEO_RUNNING = DocumentedError(
 UNSUPPORTED_SECONDS = DocumentedError(
     400, ("unsupported_seconds",), "`seconds` that the model's frames cannot last at a whole fps from 1 to 60"
 )
-STREAM_UNSUPPORTED = DocumentedError(400, ("stream_unsupported",), "`stream: true` (not supported yet)")
 VIDEO_NOT_READY = DocumentedError(
     409, ("video_not_ready",), "the video has not completed: it has no content yet", NOT_RETRIED
 )
@@ -260,11 +259,15 @@ OPENAI_SUBMISSION_ERRORS = (
 OPENAI_IMAGES_RESPONSES = openai_error_responses(
     *OPENAI_SUBMISSION_ERRORS,
     UNSUPPORTED_MEDIA_TYPE,
-    STREAM_UNSUPPORTED,
     GENERATION_FAILED,
     GENERATION_CANCELED,
     GENERATION_TIMEOUT,
 )
+OPENAI_IMAGES_RESPONSES[200] = {
+    "description": "the images; with `stream: true`, Server-Sent Events (image_generation.partial_image, "
+    "then image_generation.completed per image, or error)",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
 OPENAI_SUBMISSION_RESPONSES = openai_error_responses(*OPENAI_SUBMISSION_ERRORS, UNSUPPORTED_SECONDS)
 _OPENAI_READ_ERRORS = (UNAUTHORIZED, REDIS_UNAVAILABLE, JOB_SCHEMA_TOO_NEW, INVALID_PARAMETER)
 OPENAI_LIST_RESPONSES = openai_error_responses(*_OPENAI_READ_ERRORS, INVALID_CURSOR)

@@ -77,9 +77,29 @@ def test_bad_image_requests_raise_bad_request_with_the_param(client: OpenAI) -> 
     with pytest.raises(openai.BadRequestError) as label:
         client.images.generate(prompt="purple elephant")
     assert label.value.code == "unknown_label" and label.value.param == "prompt"
-    with pytest.raises(openai.BadRequestError) as stream:
-        client.images.generate(prompt="red circle", extra_body={"stream": True})
-    assert stream.value.code == "stream_unsupported"
+
+
+def test_a_streamed_generation_sends_partial_images_then_each_image(client: OpenAI) -> None:
+    """stream=True with partial_images: the SDK iterates previews taken during denoising, then the
+    images; 6 steps and 2 partial images make previews due at steps 2 and 4."""
+    stream = client.images.generate(
+        prompt="red circle", n=2, stream=True, partial_images=2, extra_body={"num_inference_steps": 6}
+    )
+    events = list(stream)
+    partial = [event for event in events if event.type == "image_generation.partial_image"]
+    completed = [event for event in events if event.type == "image_generation.completed"]
+    assert len(events) == len(partial) + len(completed) and events[-1].type == "image_generation.completed"
+    assert sorted((event.index, event.partial_image_index) for event in partial) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    assert sorted(event.index for event in completed) == [0, 1]
+    for event in [*partial, *completed]:
+        image = Image.open(io.BytesIO(base64.b64decode(event.b64_json)))
+        assert image.format == "PNG" and image.size == (32, 32) and event.size == "32x32"
+    assert all(event.usage.total_tokens == 0 for event in completed)
 
 
 def _wait_completed(client: OpenAI, video_id: str) -> openai.types.Video:

@@ -270,7 +270,7 @@ class JobQueue:
             tickets.append(
                 JobTicket(handle.job_id, queue, execution, parsed, float(created_at or 0), solo == b"1")
             )
-        self.announce_started(tickets)
+        self.announce_started(tickets, now)
         return tickets
 
     def solo_waiting(self, queue: str) -> bool:
@@ -353,13 +353,13 @@ class JobQueue:
         flags = replies[(2 if stats else 0) :][1 : 2 * len(progress) : 2]
         return {event.id for event, flag in zip(progress, flags, strict=True) if flag == b"1"}
 
-    def announce_started(self, tickets: Sequence[JobTicket]) -> None:
-        """Append a `started` event to each newly taken job's event stream (best effort)."""
-        now = time.time()
+    def announce_started(self, tickets: Sequence[JobTicket], started_at: float) -> None:
+        """Append a `started` event to each newly taken job's event stream (best effort), with the
+        start time the take wrote in its record."""
         try:
             with self.redis.pipeline() as pipe:
                 for ticket in tickets:
-                    append_event(pipe, StartedEvent(id=ticket.job_id, started_at=round(now, 3)))
+                    append_event(pipe, StartedEvent(id=ticket.job_id, started_at=round(started_at, 3)))
                 pipe.execute()
         except RedisError as exc:
             log.warning("could not announce started jobs: %s", exc)

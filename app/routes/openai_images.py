@@ -7,19 +7,39 @@ OpenAI's shape (app/openai_errors.py).
 """
 
 import base64
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from redis import Redis
 
 from app.auth import Caller, CallerDep, get_caller
 from app.deps import RedisDep, SettingsDep, StorageDep, require_json
-from app.openai_errors import NO_RETRY, OpenAIError, OpenAIRoute
-from app.openai_schemas import ImageData, ImagesResponse, OpenAIImageRequest
+from app.job_stream import KEEP_ALIVE, StreamItem, job_stream, sse
+from app.openai_errors import NO_RETRY, OpenAIError, OpenAIRoute, openai_error_body
+from app.openai_schemas import (
+    CompletedImageEvent,
+    ImageData,
+    ImagesResponse,
+    OpenAIImageRequest,
+    PartialImageEvent,
+)
 from app.openapi import OPENAI_IMAGES_RESPONSES, SUBMISSION_PARAMETERS
+from app.routes.events import EVENT_STREAM
 from app.routes.generation import submit
 from app.schemas import JobBody
+from app.submission import choose_model
 from app.views import output_url, read_record, wait_for_end
+from dit_serve.catalog import served_models
+from dit_serve.config import Settings
 from dit_serve.contract import JobKind
+from dit_serve.events import EventType, PreviewEvent
+from dit_serve.jobs import JobStatus
 from dit_serve.storage import Storage
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
@@ -31,6 +51,7 @@ CHECKS = [Depends(get_caller), Depends(require_json)]  # in this order: the key 
     dependencies=CHECKS,
     responses=OPENAI_IMAGES_RESPONSES,
     openapi_extra=SUBMISSION_PARAMETERS,
+    response_model=ImagesResponse,
 )
 async def generate_images(
     request: Request,
@@ -40,10 +61,10 @@ async def generate_images(
     storage: StorageDep,
     response: Response,
     caller: CallerDep,
-) -> ImagesResponse:
+) -> ImagesResponse | StreamingResponse:
     """Generate images (OpenAI's `images.generate`): queue an image job, wait for it, answer its images."""
     if body.stream:
-        return await stream_images(request, body, caller)
+        return await stream_images(request, body, redis, settings, storage, response, caller)
     job = await run_in_threadpool(
         submit, request, body.job_request(), JobKind.IMAGE, redis, settings, response, caller
     )
@@ -53,16 +74,91 @@ async def generate_images(
     )
 
 
-async def stream_images(request: Request, body: OpenAIImageRequest, caller: Caller) -> ImagesResponse:
-    """`stream: true`: where OpenAI's streamed answer plugs in (SSE `image_generation.partial_image`
-    events from the job's previews, then `image_generation.completed`, relayed from the job's event
-    stream, dit_serve/events.py). Until it does, a 400 before anything is queued."""
-    raise OpenAIError(
-        400,
-        "stream_unsupported",
-        "stream: true is not supported yet; leave it out (or false) to get the images in one answer",
-        param="stream",
+async def stream_images(
+    request: Request,
+    body: OpenAIImageRequest,
+    redis: Redis,
+    settings: Settings,
+    storage: Storage,
+    response: Response,
+    caller: Caller,
+) -> StreamingResponse:
+    """`stream: true`: OpenAI's streamed answer, relayed from the job's events (app/job_stream.py).
+    `partial_images` previews per image (the job's `previews` set so that that many fall due), as
+    `image_generation.partial_image` events, then one `image_generation.completed` event per image;
+    an `error` event if the job fails or is canceled."""
+    job_request = body.job_request()
+    partial = body.partial_images or 0
+    if partial and job_request.previews is None:
+        spec = choose_model(job_request.model, JobKind.IMAGE, served_models(redis), settings.default_model)
+        steps = job_request.num_inference_steps or spec.defaults.num_inference_steps
+        # Previews fall due at k, 2k, ... below `steps`: ceil(steps / (partial + 1)) gives at most
+        # `partial` of them.
+        job_request = job_request.model_copy(update={"previews": math.ceil(steps / (partial + 1))})
+    job = await run_in_threadpool(
+        submit, request, job_request, JobKind.IMAGE, redis, settings, response, caller
     )
+    events = job_stream(request, redis, job.id, caller, job)
+    return StreamingResponse(
+        _openai_events(events, partial, redis, storage, caller),
+        media_type=EVENT_STREAM,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Location": f"/v1/jobs/{job.id}"},
+    )
+
+
+async def _openai_events(
+    events: AsyncIterator[StreamItem], partial: int, redis: Redis, storage: Storage, caller: Caller
+) -> AsyncIterator[str]:
+    sent: Counter[int] = Counter()  # partial images sent, by output index
+    async for item in events:
+        if item is None:
+            yield KEEP_ALIVE
+            continue
+        kind, data, _ = item
+        if kind == EventType.PREVIEW:
+            preview = PreviewEvent.model_validate_json(data)
+            if sent[preview.index] < partial:
+                event = PartialImageEvent(
+                    b64_json=preview.b64_json,
+                    created_at=int(time.time()),
+                    size=f"{preview.width}x{preview.height}",
+                    partial_image_index=sent[preview.index],
+                    index=preview.index,
+                )
+                sent[preview.index] += 1
+                yield sse(event.type, event.model_dump_json())
+        elif kind == JobStatus.COMPLETED:
+            job = JobBody.model_validate_json(data)
+            for completed in await run_in_threadpool(_completed_events, job, redis, storage, caller):
+                yield sse(completed.type, completed.model_dump_json())
+        elif kind in (JobStatus.FAILED, JobStatus.CANCELED):
+            job = JobBody.model_validate_json(data)
+            yield sse("error", _stream_error(job))
+
+
+def _completed_events(
+    job: JobBody, redis: Redis, storage: Storage, caller: Caller
+) -> list[CompletedImageEvent]:
+    record, _ = read_record(redis, job.id, caller)
+    return [
+        CompletedImageEvent(
+            b64_json=base64.b64encode(storage.get(output.key)).decode(),
+            created_at=int(job.completed_at or time.time()),
+            size=job.request.size,
+            output_format=job.request.output_format.value,  # type: ignore[arg-type]  # an image format
+            index=output.index,
+        )
+        for output in record.outputs
+    ]
+
+
+def _stream_error(job: JobBody) -> str:
+    """The `error` event's data for a job that failed or was canceled (the SDK raises APIError)."""
+    if job.error is not None:
+        body = openai_error_body(500, job.error.code, f"job {job.id} failed: {job.error.message}", None)
+    else:
+        body = openai_error_body(409, "job_canceled", f"job {job.id} was canceled before it completed", None)
+    return json.dumps(body)
 
 
 def _images(
