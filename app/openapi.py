@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.middleware import REQUEST_ID_HEADER
-from app.schemas import ErrorBody
 from dit_serve.idempotency import IDEMPOTENCY_HEADER, VALID_KEY
+from dit_serve.schemas import ErrorBody
 
 ERROR_STATUS = 400  # statuses from here on are errors, answered as ErrorBody
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")

@@ -4,7 +4,6 @@ from redis import Redis
 
 from app.auth import Caller
 from app.errors import Gone, NotFound, ServiceUnavailable
-from app.schemas import JobBody, OutputBody
 from dit_serve.contract import JobTooNewError
 from dit_serve.jobs import (
     STATUS_FROM_RQ,
@@ -17,6 +16,7 @@ from dit_serve.jobs import (
 )
 from dit_serve.queueing import queue_position
 from dit_serve.retention import expired_key, parse_expired
+from dit_serve.schemas import JobBody, OutputBody
 from dit_serve.webhooks import job_deliveries
 
 RQ_STATUS_FIELD = "status"

@@ -25,11 +25,11 @@ from app.openapi import (
     UNAUTHORIZED,
     error_responses,
 )
-from app.schemas import JobBody, JobList
 from app.views import job_body, read_record, stored_output
 from dit_serve.job_index import UnknownCursorError, forget, index_key, newest_ids
 from dit_serve.jobs import ENDED_STATUSES, JobStatus, ended_key
 from dit_serve.queueing import cancel_job
+from dit_serve.schemas import JobBody, JobList
 from dit_serve.storage import OutputNotFoundError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
