@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 from dit_serve.contract import ClientOptions
 
 ALIASES = {
+    "n": ["-n"],
     "num_inference_steps": ["--steps"],
     "output_format": ["--format"],
     "guidance_scale": ["--guidance"],

@@ -101,9 +101,9 @@ class EventStream:
     def dropped(self, failure: APIError | httpx.TransportError | None) -> float:
         """The wait before reconnecting after a connection ended early (`failure`: why; None when the
         server closed it cleanly); raises the failure when another try is pointless or none are left."""
-        self._failures += 1
         if failure is not None and not retryable(CallKind.READ, failure):
             raise failure
+        self._failures += 1
         retry_ms = self._decoder.retry_ms
         server_delay_s = failure.retry_after_s if isinstance(failure, APIError) else None
         if server_delay_s is None and retry_ms is not None:
