@@ -90,8 +90,8 @@ def run_generate(args: argparse.Namespace) -> int:
     with Client(args.url, args.key) as client:
         try:
             job = client.submit(body)
-            progress.write(describe_job(job))
             try:
+                progress.write(describe_job(job))
                 job = _follow(client, job, progress)
             except KeyboardInterrupt:
                 progress.close()
@@ -101,6 +101,8 @@ def run_generate(args: argparse.Namespace) -> int:
             if args.json:
                 print(job.model_dump_json())
             paths = client.save(completed(job), args.output or Path.cwd())
+        except KeyboardInterrupt:  # before the job existed, or while saving its outputs
+            return EXIT_INTERRUPTED
         except httpx.TransportError as exc:
             progress.close()
             print(f"dit-serve generate: no answer from {client.settings.base_url}: {exc!r}", file=sys.stderr)
