@@ -11,19 +11,20 @@ import time
 import uuid
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 
 from dit_serve.client.errors import APIError, JobFailedError, WaitTimeoutError
-from dit_serve.client.retries import CallKind, retryable
-from dit_serve.client.settings import ClientSettings
+from dit_serve.client.retries import CallKind, RetryPolicy, retryable
+from dit_serve.client.settings import DEFAULT_TIMEOUT_S, ClientSettings
 from dit_serve.contract import JobKind, ModelSpec
 from dit_serve.idempotency import IDEMPOTENCY_HEADER
 from dit_serve.jobs import ENDED_STATUSES, JobStatus
 from dit_serve.schemas import ImageRequest, JobBody, ModelList, VideoRequest
 
 T = TypeVar("T")
+HTTP = TypeVar("HTTP", httpx.Client, httpx.AsyncClient)
 
 # One slice of a wait: a GET /v1/jobs/{id}?wait= of at most this long (the API takes up to 60 s);
 # shorter slices keep each request well under the idle timeouts of proxies in between.
@@ -171,3 +172,23 @@ class Calls:
     def models(self) -> Operation[list[ModelSpec]]:
         response = yield from self.call(self.request("GET", "/v1/models"), CallKind.READ)
         return ModelList.model_validate_json(response.content).data
+
+
+class ClientBase(Generic[HTTP]):
+    """What `Client` and `AsyncClient` share: settings from arguments or the environment, the calls
+    built on them, and an httpx client of the subclass's `http_class` to send them with."""
+
+    http_class: type[HTTP]
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: RetryPolicy | None = None,
+    ):
+        """`base_url` defaults to `DIT_URL`, else http://127.0.0.1:8000; `api_key` to `DIT_API_KEY`."""
+        self.settings = ClientSettings.resolve(base_url, api_key, timeout_s, retries)
+        self._calls = Calls(self.settings)
+        self._http: HTTP = self.http_class()

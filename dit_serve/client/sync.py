@@ -8,33 +8,29 @@ from typing import Any, TypeVar
 
 import httpx
 
-from dit_serve.client.calls import Calls, Operation, Outcome, Send, Submission, build_submission, completed
+from dit_serve.client.calls import (
+    ClientBase,
+    Operation,
+    Outcome,
+    Send,
+    Submission,
+    build_submission,
+    completed,
+)
 from dit_serve.client.errors import APIError
 from dit_serve.client.events import EventStream, JobEnded, JobEvent
 from dit_serve.client.outputs import output_paths
-from dit_serve.client.retries import RetryPolicy
-from dit_serve.client.settings import DEFAULT_TIMEOUT_S, ClientSettings
 from dit_serve.contract import JobKind, ModelSpec
 from dit_serve.schemas import JobBody
 
 T = TypeVar("T")
 
 
-class Client:
+class Client(ClientBase[httpx.Client]):
     """A dit-serve API client. `base_url` defaults to `DIT_URL`, else http://127.0.0.1:8000, and
     `api_key` to `DIT_API_KEY`; use it as a context manager, or call `close()`."""
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        retries: RetryPolicy | None = None,
-    ):
-        self.settings = ClientSettings.resolve(base_url, api_key, timeout_s, retries)
-        self._calls = Calls(self.settings)
-        self._http = httpx.Client()
+    http_class = httpx.Client
 
     def _run(self, operation: Operation[T]) -> T:
         outcome: Outcome = None
