@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 BODY_TOO_LARGE = "body_too_large"
 REQUEST_ID_STATE = "request_id"  # where app.middleware.RequestID keeps a request's id (scope["state"])
+ERROR_RENDERER_STATE = "error_renderer"  # where a route keeps its own ErrorRenderer (scope["state"])
 # FastAPI answers 400 when it cannot even decode a body as JSON (bytes that are not UTF-8, nesting too
 # deep for the parser), where a body that decodes but does not parse gets its 422 json_invalid. All our
 # bodies are JSON, so both are the documented 422 invalid_json; no route of ours raises a 400 itself.
@@ -92,15 +93,28 @@ def request_id_of(request: Request) -> str | None:
     return request.scope.get("state", {}).get(REQUEST_ID_STATE)
 
 
+# (request, status, code, message, headers) -> the answer: how a route family shapes its errors.
+ErrorRenderer = Callable[[Request, int, str, str, dict[str, str] | None], Response]
+
+
+def render_error(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None
+) -> JSONResponse:
+    """Our error shape; a 5xx also names the request id its log lines carry."""
+    body = error_body(code, message, request_id_of(request) if status >= 500 else None)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def error_response(
     request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """The documented error shape; a 5xx also names the request id its log lines carry."""
+) -> Response:
+    """The error answer, in the shape of the request's route: ours, unless the route put another
+    renderer in the scope's state (the OpenAI-compatible routes, app/openai_errors.py)."""
     request_id = request_id_of(request)
-    body = error_body(code, message, request_id if status >= 500 else None)
     # The header too: the last-resort handler answers outside the RequestID middleware.
     headers = {**(headers or {}), **({"X-Request-ID": request_id} if request_id else {})}
-    return JSONResponse(body, status_code=status, headers=headers or None)
+    render: ErrorRenderer = request.scope.get("state", {}).get(ERROR_RENDERER_STATE, render_error)
+    return render(request, status, code, message, headers or None)
 
 
 def allowed_methods(request: Request) -> str:
@@ -169,17 +183,17 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
 
     def answer(
         request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> JSONResponse:
+    ) -> Response:
         if on_error:
             on_error(request, status, code)
         return error_response(request, status, code, message, headers)
 
     @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+    async def api_error(request: Request, exc: APIError) -> Response:
         return answer(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = list(exc.errors())
         code = (
             "invalid_json"
@@ -189,7 +203,7 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
         return answer(request, 422, code, _describe(errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == UNDECODABLE_BODY_STATUS:
             return answer(request, 422, "invalid_json", UNDECODABLE_BODY_MESSAGE)
         code = {404: "not_found", 405: "method_not_allowed", 413: BODY_TOO_LARGE}.get(
@@ -201,13 +215,13 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
         return answer(request, exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(RedisError)
-    async def redis_error(request: Request, exc: RedisError) -> JSONResponse:
+    async def redis_error(request: Request, exc: RedisError) -> Response:
         # The cause (with Redis' address) goes to the log under the request id, not to the client.
         log.warning("redis unavailable (request %s): %s", request_id_of(request), exc)
         message = "the job store (Redis) is unreachable; retry later"
         return answer(request, 503, "redis_unavailable", message)
 
-    def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    def internal_error(request: Request, exc: Exception) -> Response:
         # The exception goes to the log only: its text can name hosts, buckets, paths or keys.
         log.error(
             "unexpected error answering %s %s (request %s)",

@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from app.middleware import REQUEST_ID_HEADER
+from app.openai_errors import NO_RETRY, OPENAI_STATUS, OpenAIMultipartRoute
+from app.openai_schemas import OpenAIErrorBody
 from dit_serve.idempotency import IDEMPOTENCY_HEADER, VALID_KEY
 from dit_serve.schemas import ErrorBody
 
@@ -119,26 +123,30 @@ INTERNAL_ERROR = DocumentedError(
 )
 
 
-def error_responses(*errors: DocumentedError) -> dict[int | str, dict[str, Any]]:
+def error_responses(
+    *errors: DocumentedError, body: type[BaseModel] = ErrorBody, statuses: Mapping[int, int] | None = None
+) -> dict[int | str, dict[str, Any]]:
     """A route's `responses=` for `errors`, and 500 `internal_error`, which any route can answer.
 
     Args:
         errors: what the route can answer; several with one status are described together.
+        body: the shape of the route's errors (OpenAIErrorBody on the OpenAI-compatible routes).
+        statuses: the status each of ours is answered with on the route, where it differs.
 
     Returns:
-        status -> FastAPI's additional response: the ErrorBody model, a description naming each
+        status -> FastAPI's additional response: the `body` model, a description naming each
         code, and the headers of that answer.
     """
     by_status: dict[int, list[DocumentedError]] = {}
     for error in (*errors, INTERNAL_ERROR):
-        by_status.setdefault(error.status, []).append(error)
-    return {status: _response(group) for status, group in sorted(by_status.items())}
+        by_status.setdefault((statuses or {}).get(error.status, error.status), []).append(error)
+    return {status: _response(group, body) for status, group in sorted(by_status.items())}
 
 
-def _response(errors: list[DocumentedError]) -> dict[str, Any]:
+def _response(errors: list[DocumentedError], body: type[BaseModel]) -> dict[str, Any]:
     lines = [f"- {', '.join(f'`{code}`' for code in error.codes)}: {error.when}" for error in errors]
     headers = {name: doc for error in errors for name, doc in error.headers.items()}
-    return {"model": ErrorBody, "description": "\n".join(lines), **({"headers": headers} if headers else {})}
+    return {"model": body, "description": "\n".join(lines), **({"headers": headers} if headers else {})}
 
 
 # POST /v1/images and /v1/videos read Idempotency-Key from the request itself, so it is declared here.
@@ -178,6 +186,97 @@ SUBMISSION_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# The OpenAI-compatible routes (app/routes/openai_*.py): OpenAI's error shape and statuses.
+NOT_RETRIED = {
+    name: {
+        "description": "`false`: the SDK must not retry (it would queue the job again)",
+        "schema": {"type": "string"},
+    }
+    for name in NO_RETRY
+}
+VIDEO_NOT_FOUND = DocumentedError(
+    404,
+    ("job_not_found", "video_not_found", "output_not_found"),
+    "no such video: never created, deleted, expired, created by another API key, or an image job",
+)
+
+VIDEO_RUNNING = DocumentedError(
+    409, ("video_running",), "the video was asked to stop but still runs after 30 s; retry the DELETE"
+)
+UNSUPPORTED_SECONDS = DocumentedError(
+    400, ("unsupported_seconds",), "`seconds` that the model's frames cannot last at a whole fps from 1 to 60"
+)
+STREAM_UNSUPPORTED = DocumentedError(400, ("stream_unsupported",), "`stream: true` (not supported yet)")
+VIDEO_NOT_READY = DocumentedError(
+    409, ("video_not_ready",), "the video has not completed: it has no content yet", NOT_RETRIED
+)
+GENERATION_FAILED = DocumentedError(
+    500,
+    (
+        "sampling_failed",
+        "storage_failed",
+        "invalid_job",
+        "worker_lost",
+        "timeout",
+        "queue_timeout",
+        "no_worker",
+    ),
+    "the image job failed (its error code and message, and the job id)",
+    NOT_RETRIED,
+)
+GENERATION_CANCELED = DocumentedError(
+    409,
+    ("job_canceled",),
+    "the image job was canceled (DELETE /v1/jobs/{id}) while the answer waited",
+    NOT_RETRIED,
+)
+GENERATION_TIMEOUT = DocumentedError(
+    504,
+    ("generation_timeout",),
+    "the image job did not end within `DIT_OPENAI_WAIT_S`; it goes on, and the message names it: poll "
+    "`GET /v1/jobs/{id}`",
+    {**NOT_RETRIED, "Location": {"description": "the job's URL", "schema": {"type": "string"}}},
+)
+
+
+def openai_error_responses(*errors: DocumentedError) -> dict[int | str, dict[str, Any]]:
+    """`error_responses` in OpenAI's shape and statuses; a 413 is ours, answered before any route."""
+    responses = error_responses(*errors, body=OpenAIErrorBody, statuses=OPENAI_STATUS)
+    if 413 in responses:
+        responses[413]["model"] = ErrorBody
+    return responses
+
+
+OPENAI_SUBMISSION_ERRORS = (
+    UNAUTHORIZED,
+    IDEMPOTENCY_CONFLICT,
+    BODY_TOO_LARGE,
+    INVALID_SUBMISSION,
+    LIMITED,
+    REDIS_UNAVAILABLE,
+    NO_MODEL,
+    JOB_SCHEMA_TOO_NEW,
+)
+OPENAI_IMAGES_RESPONSES = openai_error_responses(
+    *OPENAI_SUBMISSION_ERRORS,
+    UNSUPPORTED_MEDIA_TYPE,
+    STREAM_UNSUPPORTED,
+    GENERATION_FAILED,
+    GENERATION_CANCELED,
+    GENERATION_TIMEOUT,
+)
+OPENAI_SUBMISSION_RESPONSES = openai_error_responses(*OPENAI_SUBMISSION_ERRORS, UNSUPPORTED_SECONDS)
+_OPENAI_READ_ERRORS = (UNAUTHORIZED, REDIS_UNAVAILABLE, JOB_SCHEMA_TOO_NEW, INVALID_PARAMETER)
+OPENAI_LIST_RESPONSES = openai_error_responses(*_OPENAI_READ_ERRORS, INVALID_CURSOR)
+OPENAI_READ_RESPONSES = openai_error_responses(*_OPENAI_READ_ERRORS, VIDEO_NOT_FOUND, JOB_EXPIRED)
+OPENAI_CONTENT_RESPONSES = openai_error_responses(
+    *_OPENAI_READ_ERRORS, VIDEO_NOT_FOUND, JOB_EXPIRED, VIDEO_NOT_READY
+)
+OPENAI_DELETE_RESPONSES = openai_error_responses(
+    *_OPENAI_READ_ERRORS, VIDEO_NOT_FOUND, JOB_EXPIRED, VIDEO_RUNNING
+)
+
+
 def install_openapi(app: FastAPI) -> None:
     """Make `app.openapi()` drop FastAPI's default 422, give every error response the media type our
     handlers answer with (JSON, whatever the route's own), and name `X-Request-ID` on every answer."""
@@ -185,10 +284,43 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _mended(build())
+            schema = _mended(build())
+            for route in app.routes:
+                if isinstance(route, OpenAIMultipartRoute):
+                    _merge_operation(
+                        schema, _mended(get_openapi(title=app.title, version=app.version, routes=[route]))
+                    )
+            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend it
+
+
+def _merge_operation(schema: dict[str, Any], alternate: dict[str, Any]) -> None:
+    """Merge the one operation of `alternate` into `schema`'s operation of the same path and method.
+
+    FastAPI keeps one operation per path and method, the last route's: here the JSON route of `POST
+    /v1/videos`, which the multipart one (OpenAI's) precedes. The merged operation takes both bodies,
+    answers both 2xx, and an error status both answer has either error shape (anyOf).
+    """
+    for component, models in alternate.get("components", {}).items():
+        for name, model in models.items():
+            schema.setdefault("components", {}).setdefault(component, {}).setdefault(name, model)
+    for path, operations in alternate["paths"].items():
+        for method, extra in operations.items():
+            operation = schema["paths"][path][method]
+            operation["requestBody"]["content"].update(extra["requestBody"]["content"])
+            operation["description"] = f"{operation.get('description', '')}\n\n{extra.get('description', '')}"
+            for status, answer in extra["responses"].items():
+                merged = operation["responses"].setdefault(status, answer)
+                if merged is answer:
+                    continue
+                merged["description"] = f"{merged['description']}\n{answer['description']}"
+                merged.setdefault("headers", {}).update(answer.get("headers", {}))
+                for media_type, content in answer.get("content", {}).items():
+                    mine = merged.setdefault("content", {}).setdefault(media_type, content)
+                    if mine is not content and mine["schema"] != content["schema"]:
+                        mine["schema"] = {"anyOf": [mine["schema"], content["schema"]]}
 
 
 def _mended(schema: dict[str, Any]) -> dict[str, Any]:

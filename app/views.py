@@ -1,16 +1,24 @@
 """Read jobs out of Redis and present them as the API's job objects."""
 
+import time
+from collections.abc import Callable
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 
 from app.auth import Caller
-from app.errors import Gone, NotFound, ServiceUnavailable
+from app.errors import Gone, InvalidRequest, NotFound, ServiceUnavailable
 from dit_serve.contract import JobTooNewError
+from dit_serve.job_index import UnknownCursorError, forget, index_key, newest_ids
 from dit_serve.jobs import (
+    ENDED_STATUSES,
     STATUS_FROM_RQ,
     WORKER_LOST,
     JobRecord,
     JobStatus,
     RecordField,
+    ended_key,
     record_key,
     rq_job_key,
 )
@@ -21,6 +29,10 @@ from dit_serve.webhooks import job_deliveries
 
 RQ_STATUS_FIELD = "status"
 TIME_DECIMALS = 3
+WAIT_SLICE_S = 1.0  # look at the job again at least this often while waiting (a reaped job signals nothing)
+# Redis counts a blocking command's timeout in whole milliseconds, and 0 means forever: a wait with
+# less left than this ends instead of blocking.
+MIN_BLOCK_S = 0.001
 
 
 def output_url(job_id: str, index: int) -> str:
@@ -107,3 +119,56 @@ def stored_output(redis: Redis, job_id: str, index: int, caller: Caller) -> tupl
         )
     output = record.outputs[index]
     return output.key, output.content_type
+
+
+def jobs_page(
+    redis: Redis,
+    caller: Caller,
+    after: str | None,
+    limit: int,
+    keep: Callable[[JobBody], bool],
+    oldest_first: bool = False,
+) -> tuple[list[JobBody], bool]:
+    """Up to `limit` of the caller's jobs (an admin's: every job) that `keep` accepts, newest first
+    (or oldest first), after job `after`; and whether there are more. 422 invalid_cursor for an
+    `after` that is not in the listing."""
+    key = index_key(caller.listed_owner)
+    found: list[JobBody] = []
+    expired: list[str] = []
+    has_more = False
+    try:
+        for job_id in newest_ids(redis, key, after, oldest_first):
+            try:
+                body = job_body(redis, job_id, caller)
+            except (NotFound, Gone):  # the sweep drops the entries of the jobs it deletes, but races it
+                expired.append(job_id)
+                continue
+            if not keep(body):
+                continue
+            if len(found) == limit:
+                has_more = True
+                break
+            found.append(body)
+    except UnknownCursorError as exc:
+        raise InvalidRequest(
+            f"after: no job {after} in this listing (it may have expired)", "invalid_cursor"
+        ) from exc
+    for job_id in expired:  # after the scan: removing entries during it would shift its offsets
+        forget(redis, key, job_id)
+    return found, has_more
+
+
+async def wait_for_end(request: Request, redis: Redis, job_id: str, caller: Caller, wait_s: float) -> JobBody:
+    """The job object once the job has ended, or after `wait_s` seconds, whichever comes first.
+
+    Workers and the API push to the job's `ended` list when it ends, so a waiting request wakes at
+    once; BLMOVE from the list to itself leaves the entry for every other waiter. The wait holds no
+    thread: it is a blocking command on the app's asyncio Redis client.
+    """
+    body = await run_in_threadpool(job_body, redis, job_id, caller)
+    deadline = time.monotonic() + wait_s
+    while body.status not in ENDED_STATUSES and (remaining := deadline - time.monotonic()) >= MIN_BLOCK_S:
+        key = ended_key(job_id)
+        await request.app.state.waits.blmove(key, key, min(remaining, WAIT_SLICE_S), "RIGHT", "LEFT")
+        body = await run_in_threadpool(job_body, redis, job_id, caller)
+    return body

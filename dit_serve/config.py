@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(IDEMPOTENCY_TTL_S, ge=1)
     # False: the sweep deletes records only, and outputs are left to a bucket lifecycle rule.
     delete_outputs: bool = True
+    # POST /v1/images/generations (OpenAI's images API) waits this long for its job, then answers a
+    # 504 naming the job, which the client can poll at /v1/jobs/{id}.
+    openai_wait_s: float = Field(300.0, gt=0, le=3600)
     # The API refuses a request body larger than this (413 body_too_large) without reading it all.
     max_body_bytes: int = Field(64 * 1024, ge=1)
     log_level: str = "info"

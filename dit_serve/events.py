@@ -21,6 +21,7 @@ This module is imported by the API, so it must not import torch or the web stack
 """
 
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from redis import Redis
@@ -116,7 +117,7 @@ def read_after(
 ) -> list[tuple[str, EventType, str]]:
     """The events of `job_id` after stream id `after` ("0": all), as (id, type, JSON payload); with
     `block_ms`, wait that long for the first one."""
-    reply = redis.xread({events_key(job_id): after}, block=block_ms)
+    reply: Any = redis.xread({events_key(job_id): after}, block=block_ms)
     entries = reply[0][1] if reply else []
     return [
         (

@@ -43,16 +43,18 @@ def index_job(pipe: Pipeline, job_id: str, record: JobRecord, ttl_s: int) -> Non
         pipe.expire(key, keep_s)
 
 
-def newest_ids(redis: Redis, key: str, after: str | None = None) -> Iterator[str]:
-    """The ids in set `key`, newest first, starting after id `after` (UnknownCursorError if absent)."""
+def newest_ids(redis: Redis, key: str, after: str | None = None, oldest_first: bool = False) -> Iterator[str]:
+    """The ids in set `key`, newest first (or oldest first), starting after id `after`
+    (UnknownCursorError if absent)."""
+    rank_of, read = (redis.zrank, redis.zrange) if oldest_first else (redis.zrevrank, redis.zrevrange)
     start = 0
     if after is not None:
-        rank = redis.zrevrank(key, after)
+        rank = rank_of(key, after)
         if rank is None:
             raise UnknownCursorError(after)
         start = int(rank) + 1  # type: ignore[arg-type]
     while True:
-        chunk: list[bytes] = redis.zrevrange(key, start, start + SCAN_CHUNK - 1)  # type: ignore[assignment]
+        chunk: list[bytes] = read(key, start, start + SCAN_CHUNK - 1)  # type: ignore[assignment]
         yield from (job_id.decode() for job_id in chunk)
         if len(chunk) < SCAN_CHUNK:
             return

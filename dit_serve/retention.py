@@ -164,6 +164,30 @@ def sweep_expired_jobs(
     return swept
 
 
+def delete_job(redis: Redis, storage: Storage, job_id: str, delete_outputs: bool = True) -> bool:
+    """Delete an ended job's records and outputs now, as the sweep would at its expiry, without the
+    expiry marker: its id is a 404 at once (a client's own deletion, `DELETE /v1/videos/{id}`).
+
+    Returns False (nothing deleted) when the job is queued or running. When its outputs cannot be
+    deleted, the records are gone already and the sweep is told to delete the outputs at its next
+    pass, as it retries any sweep whose storage call failed.
+    """
+    now = time.time()
+    if not _expire_records(redis, job_id, now, grace_s=0):
+        return False
+    if delete_outputs:
+        try:
+            storage.delete_prefix(output_prefix(job_id))
+        except RedisError:
+            raise
+        except Exception:
+            log.exception("deleting the outputs of job %s failed; the retention sweep retries it", job_id)
+            redis.zadd(RETENTION_KEY, {job_id: now})
+            return True
+    redis.zrem(RETENTION_KEY, job_id)
+    return True
+
+
 def _expire_records(redis: Redis, job_id: str, now: float, grace_s: int) -> bool:
     """Swap the job's records for its expiry marker; False (and nothing deleted) if it is live again."""
     owner, model = redis.hmget(record_key(job_id), [RecordField.OWNER, RecordField.MODEL])  # type: ignore[misc]

@@ -22,6 +22,7 @@ MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
 MAX_SEED = 2**63 - 1
 MAX_FPS = 60
+DEFAULT_FPS = 8
 SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 
 
@@ -82,7 +83,7 @@ class ImageRequest(GenerationRequest):
 class VideoRequest(GenerationRequest):
     n: Literal[1] = 1
     num_frames: int | None = Field(None, ge=1, description=f"{MODEL_DEFAULT}; at most its `max_frames`")
-    fps: int = Field(8, ge=1, le=MAX_FPS)
+    fps: int = Field(DEFAULT_FPS, ge=1, le=MAX_FPS)
     output_format: Literal["mp4", "gif", "webp"] = "mp4"
 
 

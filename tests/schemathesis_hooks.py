@@ -1,7 +1,9 @@
 """Schemathesis hooks for tests/test_openapi_fuzz.py, loaded by its `st` process (SCHEMATHESIS_HOOKS)."""
 
 from typing import Any
+from urllib.parse import urljoin
 
+import httpx
 import schemathesis
 
 from app.routes.jobs import MAX_WAIT_S
@@ -11,6 +13,13 @@ JOB = ("GET", "/v1/jobs/{job_id}")
 # The API resolves a webhook_url's host name when it accepts it: a generated URL must not make it look
 # up an arbitrary name. This one is an IP literal, allow-listed by the fuzz test, and nothing listens.
 LOCAL_WEBHOOK_URL = "http://127.0.0.1:9/hook"
+IMAGE_GENERATIONS, MULTIPART = "/v1/images/generations", "multipart/form-data"
+OPENAI_SUBMISSIONS = {IMAGE_GENERATIONS, "/v1/videos"}
+# Fields whose valid values depend on the registered models (tests/test_contract.py's SPEC, and the
+# fuzz test's VIDEO_SPEC): left to the models' defaults, and the image prompt made one of SPEC's labels.
+MODEL_FIELDS = ("model", "size", "seconds", "num_frames", "fps", "class_labels")
+LABEL = "red circle"
+OPENAI_ACCEPTED = {200, 504}  # a video created; an image job that did not end in time (our JSON: 202)
 
 
 @schemathesis.hook
@@ -23,6 +32,10 @@ def before_call(_context: Any, case: Any, _kwargs: dict[str, Any]) -> None:
     """
     if isinstance(case.body, dict) and isinstance(case.body.get("webhook_url"), str):
         case.body["webhook_url"] = LOCAL_WEBHOOK_URL
+    if case.operation.method.upper() == "POST" and (
+        case.operation.path == IMAGE_GENERATIONS or case.media_type == MULTIPART
+    ):
+        _pin_model_fields(case.body, image=case.operation.path == IMAGE_GENERATIONS)
     if (case.operation.method.upper(), case.operation.path) != JOB or not case.query:
         return
     wait = case.query.get("wait")
@@ -38,3 +51,36 @@ def _seconds(value: object) -> float:
         except ValueError:
             pass
     return float("nan")
+
+
+@schemathesis.hook
+def after_call(_context: Any, case: Any, response: Any) -> None:
+    """Cancel the job an OpenAI-compatible submission queued, as a client that gave up would.
+
+    No worker runs, so the job would hold one of its model's few queue places for the rest of the run
+    (our JSON submissions get theirs back from the stateful phase's DELETE /v1/jobs/{id}), and every
+    later submission would meet a full queue. Both answers name the job in `Location`.
+    """
+    if case.operation.method.upper() != "POST" or case.operation.path not in OPENAI_SUBMISSIONS:
+        return
+    location = response.headers.get("location")
+    if response.status_code not in OPENAI_ACCEPTED or not location:
+        return
+    url = urljoin(response.request.url, location[0] if isinstance(location, list) else location)
+    auth = {"Authorization": response.request.headers["Authorization"]}
+    httpx.delete(url, headers=auth, timeout=10)
+
+
+def _pin_model_fields(body: object, image: bool) -> None:
+    """Give an OpenAI-compatible submission values the registered models take, so that schemathesis
+    sees some accepted. OpenAI's bodies have no `oneOf` that ties a prompt to a model's labels, nor a
+    `seconds` to its frames, so nearly every generated one is refused otherwise; those refusals are
+    tested with the openai SDK itself (tests/test_openai_compat.py). Other fields stay as generated."""
+    if not isinstance(body, dict):
+        return
+    for name in MODEL_FIELDS:
+        body.pop(name, None)
+    if image:  # SPEC is class-conditional: a label, no negative prompt; and streaming is not built yet
+        body["prompt"] = LABEL
+        body.pop("negative_prompt", None)
+        body.pop("stream", None)

@@ -17,7 +17,7 @@ NEEDS_A_KEY = {401, 503} | EVERY_ROUTE  # a key is checked in Redis
 SUBMISSION = NEEDS_A_KEY | {409, 413, 415, 422, 429}
 ERROR_STATUSES = {
     ("post", "/v1/images"): SUBMISSION,
-    ("post", "/v1/videos"): SUBMISSION,
+    ("post", "/v1/videos"): SUBMISSION | {400},  # 400: OpenAI's multipart create (see below)
     ("get", "/v1/jobs"): NEEDS_A_KEY | {422},
     ("get", "/v1/jobs/{job_id}"): NEEDS_A_KEY | {404, 410, 422},
     ("delete", "/v1/jobs/{job_id}"): NEEDS_A_KEY | {404, 409, 410},
@@ -26,7 +26,25 @@ ERROR_STATUSES = {
     ("get", "/healthz"): EVERY_ROUTE,
     ("get", "/readyz"): EVERY_ROUTE | {503},
     ("get", "/metrics"): EVERY_ROUTE,
+    # OpenAI-compatible: OpenAI's statuses (400 for bad input) and error shape (OPENAI_ERROR_BODY).
+    ("post", "/v1/images/generations"): NEEDS_A_KEY | {400, 409, 413, 429, 504},
+    ("get", "/v1/videos"): NEEDS_A_KEY | {400},
+    ("get", "/v1/videos/{video_id}"): NEEDS_A_KEY | {400, 404},
+    ("delete", "/v1/videos/{video_id}"): NEEDS_A_KEY | {400, 404, 409},
+    ("get", "/v1/videos/{video_id}/content"): NEEDS_A_KEY | {400, 404, 409},
 }
+OPENAI_ERROR_BODY = {"$ref": "#/components/schemas/OpenAIErrorBody"}
+# POST /v1/videos is ours (JSON) and OpenAI's (multipart/form-data): statuses both answer take either shape.
+EITHER_ERROR_BODY = {"anyOf": [ERROR_BODY, OPENAI_ERROR_BODY]}
+POST_VIDEOS_ERRORS = {400: OPENAI_ERROR_BODY, 413: ERROR_BODY, 415: ERROR_BODY, 422: ERROR_BODY}
+
+
+def _error_body(key: tuple[str, str], status: int) -> dict[str, Any]:
+    """The schema of an error answer: ours, OpenAI's on its routes (413: ours, answered before them)."""
+    if key == ("post", "/v1/videos"):
+        return POST_VIDEOS_ERRORS.get(status, EITHER_ERROR_BODY)
+    openai_route = key[1].startswith("/v1/videos") or key[1] == "/v1/images/generations"
+    return OPENAI_ERROR_BODY if openai_route and status != 413 else ERROR_BODY
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +65,10 @@ def test_every_operation_lists_its_error_statuses_in_the_error_shape(schema: dic
         }
         assert set(errors) == ERROR_STATUSES[key], key
         for status, answer in errors.items():
-            assert answer["content"] == {"application/json": {"schema": ERROR_BODY}}, (key, status)
+            assert answer["content"] == {"application/json": {"schema": _error_body(key, status)}}, (
+                key,
+                status,
+            )
             assert answer["description"].startswith("- `"), (key, status)  # the codes, each named
             assert "X-Request-ID" in answer["headers"], (key, status)
     detail = schema["components"]["schemas"]["ErrorDetail"]
@@ -126,3 +147,15 @@ def test_a_body_that_cannot_be_decoded_is_invalid_json_not_a_400(body: bytes) ->
         "/things", content=body, headers={"Content-Type": "application/json"}
     )
     assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_json"
+
+
+def test_post_videos_takes_our_json_and_openais_multipart(schema: dict[str, Any]) -> None:
+    operation = schema["paths"]["/v1/videos"]["post"]
+    content = operation["requestBody"]["content"]
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/VideoRequest"}
+    assert content["multipart/form-data"]["schema"] == {"$ref": "#/components/schemas/VideoForm"}
+    assert operation["responses"]["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobBody")
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Video")
+    assert "`unsupported_seconds`" in operation["responses"]["400"]["description"]
+    timeout = schema["paths"]["/v1/images/generations"]["post"]["responses"]["504"]
+    assert "`generation_timeout`" in timeout["description"] and "x-should-retry" in timeout["headers"]

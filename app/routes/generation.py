@@ -38,7 +38,7 @@ UNKNOWN_DRAIN_RETRY_S = 5  # ... or this, when nothing completed in that minute
 MAX_RETRY_AFTER_S = 60
 
 
-def _submit(
+def submit(
     request: Request,
     body: ImageRequest | VideoRequest,
     kind: JobKind,
@@ -47,6 +47,8 @@ def _submit(
     response: Response,
     caller: Caller,
 ) -> JobBody:
+    """Check the caller's rate, normalise `body` for its model, and queue it (or find the job an
+    identical request with the same Idempotency-Key made); the job object, `Location` set."""
     key = caller.key
     if key is not None and key.rate_per_min is not None:
         _within_rate(redis, key.name, key.rate_per_min)
@@ -195,7 +197,7 @@ def create_image(
     caller: CallerDep,
 ) -> JobBody:
     """Queue an image generation job."""
-    return _submit(request, body, JobKind.IMAGE, redis, settings, response, caller)
+    return submit(request, body, JobKind.IMAGE, redis, settings, response, caller)
 
 
 @router.post(
@@ -214,4 +216,4 @@ def create_video(
     caller: CallerDep,
 ) -> JobBody:
     """Queue a video generation job."""
-    return _submit(request, body, JobKind.VIDEO, redis, settings, response, caller)
+    return submit(request, body, JobKind.VIDEO, redis, settings, response, caller)

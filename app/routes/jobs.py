@@ -4,15 +4,13 @@ A caller sees only the jobs its API key created (admins: every job); anyone else
 answer as for a missing job.
 """
 
-import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
 from app.auth import CallerDep
 from app.deps import RedisDep, SettingsDep, StorageDep
-from app.errors import Conflict, Gone, InvalidRequest, NotFound
+from app.errors import Conflict, NotFound
 from app.openapi import (
     INVALID_CURSOR,
     INVALID_PARAMETER,
@@ -25,9 +23,8 @@ from app.openapi import (
     UNAUTHORIZED,
     error_responses,
 )
-from app.views import job_body, read_record, stored_output
-from dit_serve.job_index import UnknownCursorError, forget, index_key, newest_ids
-from dit_serve.jobs import ENDED_STATUSES, JobStatus, ended_key
+from app.views import job_body, jobs_page, read_record, stored_output, wait_for_end
+from dit_serve.jobs import JobStatus
 from dit_serve.queueing import cancel_job
 from dit_serve.schemas import JobBody, JobList
 from dit_serve.storage import OutputNotFoundError
@@ -51,34 +48,13 @@ def list_jobs(
     after: Annotated[str | None, Query(description="`last_id` of the previous page")] = None,
 ) -> JobList:
     """The caller's jobs (an admin's: every job), newest first, a page at a time."""
-    key = index_key(caller.listed_owner)
-    found: list[JobBody] = []
-    expired: list[str] = []
-    has_more = False
-    try:
-        for job_id in newest_ids(redis, key, after):
-            try:
-                body = job_body(redis, job_id, caller)
-            except (NotFound, Gone):  # the sweep drops the entries of the jobs it deletes, but races it
-                expired.append(job_id)
-                continue
-            if status is not None and body.status != JobStatus(status):
-                continue
-            if len(found) == limit:
-                has_more = True
-                break
-            found.append(body)
-    except UnknownCursorError as exc:
-        raise InvalidRequest(
-            f"after: no job {after} in this listing (it may have expired)", "invalid_cursor"
-        ) from exc
-    for job_id in expired:  # after the scan: removing entries during it would shift its offsets
-        forget(redis, key, job_id)
+    found, has_more = jobs_page(
+        redis, caller, after, limit, lambda body: status is None or body.status == JobStatus(status)
+    )
     return JobList(data=found, has_more=has_more, last_id=found[-1].id if found else None)
 
 
 MAX_WAIT_S = 60.0
-WAIT_SLICE_S = 1.0  # look at the job again at least this often while waiting (a reaped job signals nothing)
 
 
 @router.get(
@@ -91,18 +67,8 @@ async def get_job(
     caller: CallerDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the job to end")] = 0,
 ) -> JobBody:
-    """A job's status, progress and outputs; with `wait`, answered once it ends or `wait` s pass.
-
-    Workers and the API push to the job's `ended` list when it ends, so a waiting request wakes at
-    once; BLMOVE from the list to itself leaves the entry for every other waiter.
-    """
-    body = await run_in_threadpool(job_body, redis, job_id, caller)
-    deadline = time.monotonic() + wait
-    while body.status not in ENDED_STATUSES and (remaining := deadline - time.monotonic()) > 0:
-        key = ended_key(job_id)
-        await request.app.state.waits.blmove(key, key, min(remaining, WAIT_SLICE_S), "RIGHT", "LEFT")
-        body = await run_in_threadpool(job_body, redis, job_id, caller)
-    return body
+    """A job's status, progress and outputs; with `wait`, answered once it ends or `wait` s pass."""
+    return await wait_for_end(request, redis, job_id, caller, wait)
 
 
 @router.get(
