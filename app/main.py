@@ -16,7 +16,7 @@ from app.errors import install_error_handlers
 from app.metrics import APIMetrics, RequestMetrics
 from app.middleware import BodyLimit, RequestID
 from app.openapi import install_openapi
-from app.routes import generation, jobs, openai_images, openai_videos, system
+from app.routes import events, generation, jobs, openai_images, openai_videos, system
 from app.webhook_sender import WebhookSender
 from dit_serve.config import Settings, get_settings
 from dit_serve.queueing import reap_lost_jobs
@@ -103,6 +103,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # after: it counts the error answers too
     app.add_middleware(RequestID)
     openai_videos.add_create_route(app)  # first: it must be tried before our JSON POST /v1/videos
-    for router in (openai_videos.router, openai_images.router, generation.router, jobs.router, system.router):
+    for router in (
+        openai_videos.router,
+        openai_images.router,
+        generation.router,
+        jobs.router,
+        events.router,
+        system.router,
+    ):
         app.include_router(router)
     return app

@@ -10,6 +10,7 @@ from redis import Redis
 from app.auth import Caller
 from app.errors import Gone, InvalidRequest, NotFound, ServiceUnavailable
 from dit_serve.contract import JobTooNewError
+from dit_serve.eta import queued_eta_s, read_stats, running_eta_s
 from dit_serve.job_index import UnknownCursorError, forget, index_key, newest_ids
 from dit_serve.jobs import (
     ENDED_STATUSES,
@@ -88,6 +89,13 @@ def job_body(redis: Redis, job_id: str, caller: Caller | None = None) -> JobBody
     if status is JobStatus.FAILED and error is None:
         error = WORKER_LOST
     queued = status is JobStatus.QUEUED
+    steps = record.request.num_inference_steps
+    if queued:
+        eta_s = queued_eta_s(position or 0, steps, read_stats(redis, record.model))
+    elif status is JobStatus.IN_PROGRESS:
+        eta_s = running_eta_s(record.started_at, record.step, steps, time.time())
+    else:
+        eta_s = None
     return JobBody(
         id=job_id,
         kind=record.kind.value,
@@ -95,6 +103,7 @@ def job_body(redis: Redis, job_id: str, caller: Caller | None = None) -> JobBody
         status=status.value,
         progress=0 if queued else record.progress,
         queue_position=position if queued else None,
+        eta_s=eta_s,
         created_at=_time(record.created_at),
         started_at=None if queued else _time(record.started_at),
         completed_at=_time(record.completed_at),

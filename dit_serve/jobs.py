@@ -56,6 +56,7 @@ class RecordField(StrEnum):
     STARTED_AT = "started_at"
     COMPLETED_AT = "completed_at"
     PROGRESS = "progress"
+    STEP = "step"  # denoising steps done (of the request's num_inference_steps), for the ETA
     OUTPUTS = "outputs"  # JSON list of OutputRecord
     ERROR = "error"  # JSON JobError
     CANCEL = "cancel"  # "1" when a client asked to cancel a running job
@@ -137,6 +138,7 @@ class JobRecord(BaseModel):
     started_at: float | None = None
     completed_at: float | None = None
     progress: int = 0
+    step: int = 0  # denoising steps done
     outputs: list[OutputRecord] = []
     error: JobError | None = None
     cancel: bool = False
@@ -204,6 +206,7 @@ class JobRecord(BaseModel):
             started_at=number(RecordField.STARTED_AT),
             completed_at=number(RecordField.COMPLETED_AT),
             progress=int(fields.get(RecordField.PROGRESS) or 0),
+            step=int(fields.get(RecordField.STEP) or 0),
             outputs=[OutputRecord.model_validate(o) for o in _json_list(fields.get(RecordField.OUTPUTS))],
             error=JobError.model_validate_json(fields[RecordField.ERROR])
             if RecordField.ERROR in fields

@@ -109,6 +109,10 @@ class JobBody(BaseModel):
     status: Literal["queued", "in_progress", "completed", "failed", "canceled"]
     progress: int
     queue_position: int | None
+    eta_s: float | None = Field(
+        description="seconds until the job's last denoising step, estimated from measured step times "
+        "and the queue ahead (null when ended, or before anything has been measured)"
+    )
     created_at: float | None
     started_at: float | None
     completed_at: float | None

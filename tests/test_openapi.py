@@ -22,6 +22,7 @@ ERROR_STATUSES = {
     ("get", "/v1/jobs/{job_id}"): NEEDS_A_KEY | {404, 410, 422},
     ("delete", "/v1/jobs/{job_id}"): NEEDS_A_KEY | {404, 409, 410},
     ("get", "/v1/jobs/{job_id}/outputs/{index}"): NEEDS_A_KEY | {404, 410, 422},
+    ("get", "/v1/jobs/{job_id}/events"): NEEDS_A_KEY | {404, 410, 422},
     ("get", "/v1/models"): NEEDS_A_KEY,
     ("get", "/healthz"): EVERY_ROUTE,
     ("get", "/readyz"): EVERY_ROUTE | {503},

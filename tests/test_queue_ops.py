@@ -7,6 +7,7 @@ from rq import Queue
 from rq.registry import StartedJobRegistry
 
 from dit_serve.contract import JobRequest
+from dit_serve.events import ProgressEvent
 from dit_serve.jobs import JobError, JobRecord, OutputRecord, queue_name, record_key
 from dit_serve.queueing import cancel_job, enqueue_job, reap_lost_jobs
 from tests.test_contract import _request as contract_request
@@ -76,7 +77,7 @@ def test_cancel_queued_then_running(redis: Redis) -> None:
     jobs = _queue(redis)
     [ticket] = jobs.take(QUEUE, 16, "e")
     assert cancel_job(redis, "a", MODEL, TTL_S) == "cancel_requested"
-    assert jobs.report_progress({"a": 40}) == {"a"}
+    assert jobs.report_progress([ProgressEvent(id="a", step=4, steps=10, percent=38)]) == {"a"}
     assert jobs.cancel(ticket)
     assert _status(redis, "a") == "canceled"
     assert cancel_job(redis, "a", MODEL, TTL_S) == "canceled"  # already ended: the caller answers 409

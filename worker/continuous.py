@@ -56,6 +56,13 @@ def ddim_table(scheduler: SchedulerMixin, num_inference_steps: int) -> DDIMTable
 
 
 def ddim_step(table: DDIMTable, pred: torch.Tensor, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM update (eta = 0) for rows at different timesteps: ddim_update's latents."""
+    return ddim_update(table, pred, timesteps, x)[0]
+
+
+def ddim_update(
+    table: DDIMTable, pred: torch.Tensor, timesteps: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One deterministic DDIM update (eta = 0) for rows at different timesteps.
 
     Args:
@@ -65,7 +72,7 @@ def ddim_step(table: DDIMTable, pred: torch.Tensor, timesteps: torch.Tensor, x: 
         x: (N, C, *S) each row's current latents.
 
     Returns:
-        (N, C, *S) latents at each row's previous timestep.
+        (N, C, *S) latents at each row's previous timestep, and (N, C, *S) the predicted clean latents.
     """
     previous = timesteps - table.step_size  # (N,)
     alpha_t = table.alphas_cumprod[timesteps]  # (N,)
@@ -88,7 +95,7 @@ def ddim_step(table: DDIMTable, pred: torch.Tensor, timesteps: torch.Tensor, x: 
     if table.clip_range is not None:
         x0 = x0.clamp(-table.clip_range, table.clip_range)
     direction = (1 - alpha_prev) ** (0.5) * eps
-    return alpha_prev ** (0.5) * x0 + direction
+    return alpha_prev ** (0.5) * x0 + direction, x0
 
 
 class RunningBatch:
@@ -109,6 +116,7 @@ class RunningBatch:
         self.cond: Conditioning = {}
         self.uncond: Conditioning = {}
         self.guidance = torch.zeros(0, device=model.device)  # (N,)
+        self.clean = torch.zeros(0)  # (N, *shape) the last step's predicted clean latents, for previews
         self._next_id = 0
 
     def __len__(self) -> int:
@@ -138,8 +146,12 @@ class RunningBatch:
         t = timesteps.to(self.latents.device)
         guided = guided_rows(self.guidance)
         pred = cfg_denoise(self.model.predict, self.latents, t, self.cond, self.uncond, self.guidance, guided)
-        self.latents = ddim_step(self.table, pred, timesteps, self.latents)
+        self.latents, self.clean = ddim_update(self.table, pred, timesteps, self.latents)
         self.positions += 1
+
+    def clean_of(self, ids: list[int]) -> torch.Tensor:
+        """The last step's predicted clean latents of rows `ids`, (M, *shape), in their order."""
+        return self.clean[[self.ids.index(row) for row in ids]]
 
     def steps_done(self) -> dict[int, int]:
         """Each row's steps done, by id."""

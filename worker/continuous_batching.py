@@ -17,10 +17,12 @@ import time
 
 import numpy as np
 
+from dit_serve.events import PreviewEvent
 from models.loading import LoadedModel
 from worker.batching import JobTicket
 from worker.continuous import RunningBatch
 from worker.ledger import JobLedger
+from worker.previews import previews_due
 from worker.queue import new_execution_id
 from worker.stages import DECODE
 from worker.static_batching import StaticBatching
@@ -85,8 +87,9 @@ class ContinuousRun:
             while len(self.batch):
                 rows, start = len(self.batch), time.perf_counter()
                 self.batch.step()
-                metrics.stepped(self.model.name, self.model.kind, [rows], metrics.waited(start))
-                self._report_and_cancel()
+                step_s = metrics.waited(start)
+                metrics.stepped(self.model.name, self.model.kind, [rows], step_s)
+                self._report_and_cancel(self._previews(), step_s)
                 self._finish_done_rows()
                 self._join()
                 self._tell_running()
@@ -133,13 +136,26 @@ class ContinuousRun:
             self.rows_of[ticket.job_id] = ids
             self.pixels[ticket.job_id] = {}
 
-    def _report_and_cancel(self) -> None:
+    def _previews(self) -> list[PreviewEvent]:
+        """Previews of the jobs that want one after the step just taken (rows step together per job)."""
+        assert self.batch is not None
+        done = self.batch.steps_done()
+        events: list[PreviewEvent] = []
+        for job_id, rows in self.rows_of.items():
+            request = self.jobs[job_id].request
+            if rows and previews_due(request, done[rows[0]], self.batch.steps):
+                outputs = [self.owners[row] for row in rows]
+                clean = self.batch.clean_of(rows)
+                events += self.ledger.previewer.events(self.model, outputs, clean, done[rows[0]], request)
+        return events
+
+    def _report_and_cancel(self, previews: list[PreviewEvent], step_s: float) -> None:
         assert self.batch is not None
         done = self.batch.steps_done()
         steps_done = {
             job_id: done[rows[0]] for job_id, rows in self.rows_of.items() if rows and rows[0] in done
         }
-        asked = self.ledger.report_sampling(steps_done, self.batch.steps)
+        asked = self.ledger.report_sampling(steps_done, self.batch.steps, previews, step_s)
         for job_id in asked & set(self.jobs):
             rows = self.rows_of.pop(job_id)
             self.batch.drop(rows)

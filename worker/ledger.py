@@ -18,12 +18,15 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from dit_serve.config import DEFAULT_JOB_TIMEOUT_S
+from dit_serve.eta import StepStats
+from dit_serve.events import PreviewEvent, ProgressEvent
 from dit_serve.jobs import STORAGE_FAILED_ERROR, JobError
 from dit_serve.reaping import HeldRole
 from dit_serve.storage import Storage
 from worker.batching import JobTicket
 from worker.metrics import WorkerMetrics
 from worker.outputs import store_outputs
+from worker.previews import Previewer
 from worker.queue import JobQueue
 from worker.stages import StageTimer
 from worker.watchdog import Attempt, ceiling_s
@@ -49,6 +52,7 @@ class JobLedger:
         self.storage = storage
         self.metrics = metrics
         self.job_timeout_s = job_timeout_s
+        self.previewer = Previewer()
         self._held: dict[str, JobTicket] = {}
         self._attempt: Attempt | None = None
         self._lock = threading.Lock()
@@ -131,11 +135,24 @@ class JobLedger:
         return self.queue.give_up(held, roles)
 
     # -- progress ------------------------------------------------------------------------------------
-    def report_sampling(self, steps_done: dict[str, int], steps: int) -> set[str]:
-        """Record each job's denoising progress; returns the ids of jobs a client asked to cancel."""
-        return self.queue.report_progress(
-            {job_id: SAMPLING_PROGRESS * done // steps for job_id, done in steps_done.items()}
-        )
+    def report_sampling(
+        self,
+        steps_done: dict[str, int],
+        steps: int,
+        previews: Sequence[PreviewEvent] = (),
+        step_s: float | None = None,
+    ) -> set[str]:
+        """Record each job's denoising progress and publish it, with any previews, to the jobs' event
+        streams, and `step_s`, how long the step took, for ETAs; returns the ids of jobs a client
+        asked to cancel."""
+        progress = [
+            ProgressEvent(id=job_id, step=done, steps=steps, percent=SAMPLING_PROGRESS * done // steps)
+            for job_id, done in steps_done.items()
+        ]
+        with self._lock:
+            model = next((self._held[job_id].model for job_id in steps_done if job_id in self._held), None)
+        stats = (model, StepStats(step_s, len(steps_done))) if model and step_s is not None else None
+        return self.queue.report_progress(progress, previews, stats)
 
     # -- how a job ends ------------------------------------------------------------------------------
     def store(self, ticket: JobTicket, pixels: list[np.ndarray], timer: StageTimer) -> None:

@@ -1,7 +1,7 @@
 """Previews: a cheap picture of where each row is heading, taken during denoising.
 
-Two pure steps. `predicted_clean` turns a step's prediction into the predicted clean latent x0 (the
-scheduler's own `pred_original_sample` where it gives one). `LatentRGB` maps latent channels to RGB
+The sampler gives each step's predicted clean latent x0 (worker/clean.py); `LatentRGB` maps its
+latent channels to RGB
 with one affine map per model, as ComfyUI's "latent2rgb" previews do, instead of running the VAE
 decoder (for large models it costs more than a transformer step). The map is fitted, once per model
 and worker, by least squares between latents the model itself sampled and their decoded colours
@@ -12,51 +12,24 @@ model's red shapes blue or grey: a small VAE is far from linear off its data.)
 
 import base64
 import io
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
-from dit_serve.contract import ConditioningKind
+from dit_serve.contract import ConditioningKind, JobRequest
+from dit_serve.events import PreviewEvent
 from models.families.base import LoadedModel, RowCondition
 from worker.sampling import initial_noise, sample
+
+log = logging.getLogger(__name__)
 
 FIT_SAMPLES = 4  # rows the model samples to fit its map, once per worker
 FIT_STEPS = 6
 FIT_SEED = 0
 PREVIEW_MAX_SIDE = 256  # previews are upscaled to the output size, at most this many pixels a side
-FLOW_PREDICTION = "flow_prediction"
-
-
-def predicted_clean(
-    scheduler: SchedulerMixin, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, step_index: int
-) -> torch.Tensor:
-    """The clean latent x0 that a prediction points at.
-
-    Args:
-        scheduler: the batch's scheduler (its config says what `pred` is).
-        x: (N, C, *S) the latents the prediction was made from.
-        pred: (N, C, *S) the guided model output.
-        t: the step's timestep (scalar).
-        step_index: which step of the schedule this is (flow-matching sigmas are indexed by it).
-
-    Returns:
-        (N, C, *S) fp32 predicted x0.
-    """
-    config = scheduler.config
-    prediction_type = getattr(config, "prediction_type", "epsilon")
-    x, pred = x.float(), pred.float()
-    if prediction_type == FLOW_PREDICTION or not hasattr(scheduler, "alphas_cumprod"):
-        # Flow matching: x_t = (1 - sigma) x0 + sigma eps and v = eps - x0, so x0 = x_t - sigma v.
-        sigma = float(scheduler.sigmas[step_index])
-        return x - sigma * pred
-    alpha = float(scheduler.alphas_cumprod[int(t)])  # alpha-bar_t
-    if prediction_type == "epsilon":
-        return (x - (1 - alpha) ** 0.5 * pred) / alpha**0.5
-    if prediction_type == "v_prediction":
-        return alpha**0.5 * x - (1 - alpha) ** 0.5 * pred
-    return pred  # "sample"
 
 
 @dataclass(frozen=True)
@@ -114,14 +87,46 @@ def png_b64(cells: torch.Tensor, width: int, height: int) -> tuple[str, int, int
 
 
 class Previewer:
-    """A worker's latent-to-RGB maps, fitted on first use per model."""
+    """A worker's latent-to-RGB maps, fitted on first use per model, and the preview events they make."""
 
     def __init__(self) -> None:
         self._maps: dict[str, LatentRGB] = {}
 
-    def images(self, model: LoadedModel, clean: torch.Tensor, width: int, height: int) -> list[tuple[str, int, int]]:
-        """Each row of `clean` (M, C, *S) as a base64 PNG preview with its width and height."""
-        if model.name not in self._maps:
-            self._maps[model.name] = fit_latent_rgb(model)
-        latent_rgb = self._maps[model.name]
-        return [png_b64(cells, width, height) for cells in latent_rgb(clean)]
+    def events(
+        self,
+        model: LoadedModel,
+        outputs: Sequence[tuple[str, int]],
+        clean: torch.Tensor,
+        steps_done: int,
+        request: JobRequest,
+    ) -> list[PreviewEvent]:
+        """One preview event per (job id, output index) of `outputs`, from its row of `clean`
+        (M, C, *S); none if previews fail (a preview is never worth failing a batch for)."""
+        try:
+            if model.name not in self._maps:
+                self._maps[model.name] = fit_latent_rgb(model)
+            cells = self._maps[model.name](clean)  # (M, h, w, 3)
+            events = []
+            for (job_id, index), row in zip(outputs, cells, strict=True):
+                image, width, height = png_b64(row, request.width, request.height)
+                events.append(
+                    PreviewEvent(
+                        id=job_id,
+                        step=steps_done,
+                        steps=request.num_inference_steps,
+                        index=index,
+                        width=width,
+                        height=height,
+                        b64_json=image,
+                    )
+                )
+            return events
+        except Exception:
+            log.exception("previews of model %s failed; the batch goes on without them", model.name)
+            return []
+
+
+def previews_due(request: JobRequest, steps_done: int, steps: int) -> bool:
+    """Whether a job wants a preview after `steps_done` steps: every `previews` steps, but not after
+    the last (the output itself follows)."""
+    return request.previews is not None and steps_done % request.previews == 0 and steps_done < steps

@@ -11,13 +11,17 @@ them. A job marked `solo` (its workers died twice, or it hung a batch) is only t
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from dit_serve.contract import SCHEMA_VERSION, JobRequest, JobSchemaError, too_new
+from dit_serve.eta import StepStats, record_step
+from dit_serve.events import PreviewEvent, ProgressEvent, StartedEvent
+from dit_serve.events import append as append_event
 from dit_serve.jobs import (
     INVALID_JOB_ERROR,
     JobError,
@@ -266,6 +270,7 @@ class JobQueue:
             tickets.append(
                 JobTicket(handle.job_id, queue, execution, parsed, float(created_at or 0), solo == b"1")
             )
+        self.announce_started(tickets)
         return tickets
 
     def solo_waiting(self, queue: str) -> bool:
@@ -322,15 +327,42 @@ class JobQueue:
             wake_workers(self.redis, queue)
         return outcomes
 
-    def report_progress(self, progress: dict[str, int]) -> set[str]:
-        """Record each job's progress (0-100); returns the ids of jobs a client asked to cancel."""
-        job_ids = list(progress)
+    def report_progress(
+        self,
+        progress: Sequence[ProgressEvent],
+        previews: Sequence[PreviewEvent] = (),
+        stats: tuple[str, StepStats] | None = None,
+    ) -> set[str]:
+        """Record each job's progress (its step and percent) and append its progress event and any
+        previews to its event stream, and the model's step `stats` (model, stats) for ETAs; returns
+        the ids of jobs a client asked to cancel."""
         with self.redis.pipeline() as pipe:
-            for job_id in job_ids:
-                pipe.hset(record_key(job_id), RecordField.PROGRESS.value, progress[job_id])
-                pipe.hget(record_key(job_id), RecordField.CANCEL.value)
+            if stats is not None:
+                record_step(pipe, *stats)
+            for event in progress:
+                pipe.hset(
+                    record_key(event.id),
+                    mapping={RecordField.PROGRESS.value: event.percent, RecordField.STEP.value: event.step},
+                )
+                pipe.hget(record_key(event.id), RecordField.CANCEL.value)
+            for step_event in progress:
+                append_event(pipe, step_event)
+            for preview in previews:
+                append_event(pipe, preview)
             replies = pipe.execute()
-        return {job_id for job_id, flag in zip(job_ids, replies[1::2], strict=True) if flag == b"1"}
+        flags = replies[(2 if stats else 0) :][1 : 2 * len(progress) : 2]
+        return {event.id for event, flag in zip(progress, flags, strict=True) if flag == b"1"}
+
+    def announce_started(self, tickets: Sequence[JobTicket]) -> None:
+        """Append a `started` event to each newly taken job's event stream (best effort)."""
+        now = time.time()
+        try:
+            with self.redis.pipeline() as pipe:
+                for ticket in tickets:
+                    append_event(pipe, StartedEvent(id=ticket.job_id, started_at=round(now, 3)))
+                pipe.execute()
+        except RedisError as exc:
+            log.warning("could not announce started jobs: %s", exc)
 
     def _settle_job(
         self, ticket: JobHandle, rq_status: str, registry_key: str, fields: dict[str, str]

@@ -7,17 +7,22 @@ depends only on those, never on which other rows share its batch. What differs b
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from models.families.base import Conditioning, LoadedModel, RowCondition
+from worker.clean import predicted_clean
 from worker.stages import CONDITIONS, DECODE, SAMPLING, StageTimer, untimed
 
 # predict(x, t, cond) -> prediction on the latent channels; x (B, C, *S), t (B,) -> (B, C, *S)
 PredictFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 # on_step(steps_done, total_steps, rows) -> bool mask over the live rows to keep, or None to keep all
 StepCallback = Callable[[int, int, torch.Tensor], torch.Tensor | None]
+# on_clean(steps_done, rows, clean): called after every step, before on_step; clean() computes the
+# live rows' predicted clean latents (M, C, *S), for previews: only when the callback asks for them.
+CleanCallback = Callable[[int, torch.Tensor, Callable[[], torch.Tensor]], None]
 
 NO_GUIDANCE_AT_OR_BELOW = 1.0  # the pipelines apply CFG only when guidance_scale > 1
 
@@ -112,6 +117,7 @@ def sample(
     guidance_scale: torch.Tensor,
     num_inference_steps: int,
     on_step: StepCallback | None = None,
+    on_clean: CleanCallback | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the whole denoising loop for a batch.
 
@@ -124,6 +130,7 @@ def sample(
         guidance_scale: (N,) CFG scales.
         num_inference_steps: denoising steps.
         on_step: called after every step; returns which live rows go on (canceled rows leave).
+        on_clean: called after every step with a way to get the predicted clean latents.
 
     Returns:
         (M, C, *S) denoised latents of the rows that finished, and (M,) their indices into the input.
@@ -138,7 +145,10 @@ def sample(
         x = scheduler.scale_model_input(latents, t)  # (M, C, *S)
         t_rows = t.reshape(1).expand(x.shape[0]).to(x.device)  # (M,)
         pred = cfg_denoise(predict, x, t_rows, cond, uncond, guidance_scale, guided)
-        latents = scheduler.step(pred, t, latents).prev_sample  # (M, C, *S)
+        out = scheduler.step(pred, t, latents)
+        if on_clean is not None:
+            on_clean(step + 1, rows, partial(_clean, scheduler, out, latents, pred, t, step))
+        latents = out.prev_sample  # (M, C, *S)
         keep = on_step(step + 1, len(timesteps), rows) if on_step else None
         if keep is not None and not bool(keep.all()):
             filter_scheduler_state(scheduler, keep.to(latents.device), latents.shape[0])
@@ -148,6 +158,14 @@ def sample(
             if rows.numel() == 0:
                 break
     return latents, rows
+
+
+def _clean(
+    scheduler: SchedulerMixin, out: object, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, step: int
+) -> torch.Tensor:
+    """The step's predicted clean latents: the scheduler's own (DDIM gives them) or computed."""
+    given = getattr(out, "pred_original_sample", None)
+    return given if isinstance(given, torch.Tensor) else predicted_clean(scheduler, x, pred, t, step)
 
 
 @torch.no_grad()
@@ -163,6 +181,7 @@ def generate(
     scheduler: SchedulerMixin | None = None,
     on_step: StepCallback | None = None,
     timer: StageTimer = untimed,
+    on_clean: CleanCallback | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise, conditions, the guided loop and decoding for one batch of rows of one model.
 
@@ -186,6 +205,7 @@ def generate(
             guidance,
             num_inference_steps,
             on_step,
+            on_clean,
         )
     if rows.numel() == 0:
         return torch.empty(0, dtype=torch.uint8), rows

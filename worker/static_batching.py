@@ -7,17 +7,20 @@ job that fails alone ends `sampling_failed`. Continuous batching hands the jobs 
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from redis.exceptions import RedisError
 
+from dit_serve.events import PreviewEvent
 from dit_serve.jobs import SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
 from worker.metrics import WorkerMetrics
+from worker.previews import previews_due
 from worker.sampling import generate
 from worker.stages import SAMPLING
 
@@ -126,12 +129,28 @@ class StaticBatching:
         canceled on the way (settled already, even if sampling then raises)."""
         request = batch.first.request
         rows_per_step: list[int] = []
+        previews: list[PreviewEvent] = []  # made by on_clean, sent by the on_step that follows
+        last_step_at = [time.perf_counter()]  # when the previous step ended
+
+        def on_clean(done: int, rows: torch.Tensor, clean: Callable[[], torch.Tensor]) -> None:
+            due = [
+                position
+                for position, row in enumerate(rows.tolist())
+                if previews_due(batch.jobs[batch.rows[row].job_id].request, done, request.num_inference_steps)
+            ]
+            if due:
+                outputs = [(batch.rows[row].job_id, batch.rows[row].index) for row in rows[due].tolist()]
+                previews.extend(self.ledger.previewer.events(model, outputs, clean()[due], done, request))
 
         def on_step(done: int, total: int, rows: torch.Tensor) -> torch.Tensor | None:
             live = [batch.rows[i].job_id for i in rows.tolist()]
             rows_per_step.append(len(live))
+            sent, previews[:] = list(previews), []
+            now = time.perf_counter()
+            step_s = now - last_step_at[0] if done > 1 else None  # the first step's includes set-up
+            last_step_at[0] = now
             try:
-                asked = self.ledger.report_sampling(dict.fromkeys(live, done), total)
+                asked = self.ledger.report_sampling(dict.fromkeys(live, done), total, sent, step_s)
             except RedisError as exc:
                 log.warning("progress report failed: %s", exc)
                 return None
@@ -154,6 +173,7 @@ class StaticBatching:
             request.num_frames,
             on_step=on_step,
             timer=self.metrics.timer(model.name, model.kind, spent),
+            on_clean=on_clean,
         )
         self.metrics.stepped(model.name, model.kind, rows_per_step, spent[SAMPLING])
         pixels: dict[str, list[np.ndarray]] = defaultdict(list)
