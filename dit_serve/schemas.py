@@ -110,8 +110,9 @@ class JobBody(BaseModel):
     progress: int
     queue_position: int | None
     eta_s: float | None = Field(
+        None,  # absent from older APIs' jobs, which the Python client still reads
         description="seconds until the job's last denoising step, estimated from measured step times "
-        "and the queue ahead (null when ended, or before anything has been measured)"
+        "and the queue ahead (null when ended, or before anything has been measured)",
     )
     created_at: float | None
     started_at: float | None

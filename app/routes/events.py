@@ -27,11 +27,11 @@ from app.openapi import (
     UNAUTHORIZED,
     error_responses,
 )
-from app.schemas import JobBody
 from app.views import job_body
 from dit_serve.eta import running_eta_s
 from dit_serve.events import EventType, ProgressEvent, QueuedEvent, StartedEvent, events_key
 from dit_serve.jobs import ENDED_STATUSES, JobStatus
+from dit_serve.schemas import JobBody
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
