@@ -16,6 +16,7 @@ from app.errors import install_error_handlers
 from app.metrics import APIMetrics, RequestMetrics
 from app.middleware import BodyLimit, RequestID
 from app.openapi import install_openapi
+from app.playground import install_playground
 from app.routes import events, generation, jobs, openai_images, openai_videos, system
 from app.webhook_sender import WebhookSender
 from dit_serve.config import Settings, get_settings
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_docs_ui(app)  # /docs and /redoc without a CDN
     install_openapi(app)  # every route's errors in our shape, not FastAPI's default 422
+    install_playground(app)  # / : try the API from a browser, offline
     app.state.settings = settings
     app.state.redis = redis
     app.state.waits = waits

@@ -51,6 +51,7 @@ WAIT_S = 30  # one GET /v1/jobs/{id}?wait= while draining
 POST_ATTEMPTS = 20  # a client retries a POST this often (same Idempotency-Key) before giving up
 POST_RETRY_S = 1.0
 SAMPLE_EVERY_S = 60.0
+STEADY_WINDOW = 3  # samples averaged at each end of the steady-state comparison
 TAKEN_BACK = "was taken back from this worker before it finished"  # worker/ledger.py's log line
 CANCEL_SHARE, DUPLICATE_SHARE, WEBHOOK_SHARE = 0.1, 0.1, 0.1  # of the jobs sent: canceled soon after,
 # posted twice at once, or sent with a webhook
@@ -67,6 +68,7 @@ class Sample:
     minute: float
     redis_used_memory: int | None
     workers_rss: int  # bytes, all live workers together
+    largest_worker_rss: int  # bytes, the largest one (workers restarted by the kills start smaller)
 
 
 @dataclass
@@ -94,8 +96,8 @@ class Report:
     redis_restarts: int = 0
     api_restarts: int = 0
     samples: list[Sample] = field(default_factory=list)
-    # Steady state: the change from the sample nearest a third of the run (minute 10 of 30) to the last
-    # one taken under load, in percent (None: too short a run, or Redis was down at that sample).
+    # Steady state: the change from the samples around a third of the run (minute 10 of 30) to the last
+    # ones taken under load, in percent of their means (None: too short a run), and their middle minutes.
     steady_minutes: tuple[float, float] | None = None
     redis_memory_change_pct: float | None = None
     workers_rss_change_pct: float | None = None
@@ -234,16 +236,21 @@ class Cluster:
         self.redis.stop()  # SIGTERM: Redis writes its append-only file out before it exits
         self.redis.start()
 
-    def workers_rss(self) -> int:
-        total = 0
+    def workers_rss(self) -> list[int]:
+        """Each live worker's resident memory, in bytes."""
+        sizes = []
         for process in self.workers.values():
             try:
                 status = Path(f"/proc/{process.pid}/status").read_text()
             except OSError:
                 continue
             kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), "0")
-            total += int(kib) * 1024
-        return total
+            sizes.append(int(kib) * 1024)
+        return sizes
+
+    def sample(self, minute: float) -> Sample:
+        sizes = self.workers_rss()
+        return Sample(minute, self.redis_memory(), sum(sizes), max(sizes, default=0))
 
     def redis_memory(self) -> int | None:
         try:
@@ -440,9 +447,7 @@ def chaos(
 def sample_forever(cluster: Cluster, report: Report, stop: threading.Event) -> None:
     start = time.monotonic()
     while True:
-        report.samples.append(
-            Sample(round((time.monotonic() - start) / 60, 2), cluster.redis_memory(), cluster.workers_rss())
-        )
+        report.samples.append(cluster.sample(round((time.monotonic() - start) / 60, 2)))
         if stop.wait(SAMPLE_EVERY_S):
             return
 
@@ -476,9 +481,7 @@ def run_soak(args: argparse.Namespace) -> Report:
             threads[0].join()
             final = load.drain(args.drain)
             await_webhooks(receiver, load.with_webhook & set(final), WEBHOOK_WAIT_S)
-            report.samples.append(
-                Sample(round(args.minutes, 2), cluster.redis_memory(), cluster.workers_rss())
-            )
+            report.samples.append(cluster.sample(round(args.minutes, 2)))
             report.duplicate_outputs = cluster.duplicate_outputs()
         finally:
             stop.set()
@@ -512,22 +515,32 @@ def run_soak(args: argparse.Namespace) -> Report:
     return report
 
 
-def _change_pct(before: int | None, after: int | None) -> float | None:
-    return None if not before or after is None else round(100 * (after - before) / before, 1)
+def _change_pct(before: float, after: float) -> float | None:
+    return None if not before else round(100 * (after - before) / before, 1)
+
+
+def _window_means(samples: list[Sample]) -> tuple[float, float]:
+    """Mean Redis memory and mean largest worker RSS of `samples`."""
+    redis = [sample.redis_used_memory for sample in samples if sample.redis_used_memory is not None]
+    return sum(redis) / max(1, len(redis)), sum(s.largest_worker_rss for s in samples) / len(samples)
 
 
 def steady_state(report: Report) -> None:
-    """Compare the sample nearest a third of the run with the last one taken under load."""
-    under_load = [sample for sample in report.samples if sample.redis_used_memory is not None]
-    if len(under_load) < 2:
+    """Compare the samples around a third of the run (minute 10 of 30) with the last ones under load,
+    STEADY_WINDOW samples (one a minute) each, by their means: one sample alone moves with the queue
+    depth at that second, and with which worker a kill has just restarted."""
+    under_load = list(report.samples)
+    if len(under_load) < 2 * STEADY_WINDOW:
         return
-    first = min(under_load, key=lambda sample: abs(sample.minute - report.minutes / 3))
-    last = under_load[-1]
-    if last.minute <= first.minute:
+    middle = min(range(len(under_load)), key=lambda k: abs(under_load[k].minute - report.minutes / 3))
+    first = under_load[max(0, middle - STEADY_WINDOW // 2) :][:STEADY_WINDOW]
+    last = under_load[-STEADY_WINDOW:]
+    if last[0].minute <= first[-1].minute:
         return
-    report.steady_minutes = (first.minute, last.minute)
-    report.redis_memory_change_pct = _change_pct(first.redis_used_memory, last.redis_used_memory)
-    report.workers_rss_change_pct = _change_pct(first.workers_rss, last.workers_rss)
+    report.steady_minutes = (first[len(first) // 2].minute, last[len(last) // 2].minute)
+    (redis_before, rss_before), (redis_after, rss_after) = _window_means(first), _window_means(last)
+    report.redis_memory_change_pct = _change_pct(redis_before, redis_after)
+    report.workers_rss_change_pct = _change_pct(rss_before, rss_after)
 
 
 def format_report(report: Report) -> str:
@@ -559,16 +572,16 @@ def format_report(report: Report) -> str:
     if report.steady_minutes is not None:
         rows.append(
             (
-                f"change from minute {report.steady_minutes[0]} to {report.steady_minutes[1]}: Redis "
-                "memory, worker RSS",
+                f"change from minute {report.steady_minutes[0]} to {report.steady_minutes[1]} (means of "
+                f"{STEADY_WINDOW} samples): Redis memory, largest worker RSS",
                 f"{report.redis_memory_change_pct}%, {report.workers_rss_change_pct}%",
             )
         )
     for sample in (report.samples[0], report.samples[-1]) if report.samples else ():
         rows.append(
             (
-                f"Redis memory, worker RSS at minute {sample.minute}",
-                f"{sample.redis_used_memory} B, {sample.workers_rss} B",
+                f"Redis memory, largest worker RSS at minute {sample.minute}",
+                f"{sample.redis_used_memory} B, {sample.largest_worker_rss} B",
             )
         )
     return "\n".join(["| measure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])

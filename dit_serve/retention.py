@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
 from rq.results import Result
 
+from dit_serve.events import events_key
 from dit_serve.job_index import ALL_JOBS_KEY, owner_index_key
 from dit_serve.jobs import KEY_PREFIX, RecordField, ended_key, queue_name, record_key, rq_job_key
 from dit_serve.storage import Storage, output_prefix
@@ -51,7 +52,7 @@ return due
 # Replace an ended job's records with its expiry marker. A job that is queued or running again (an
 # operator's `rq requeue` of a failed job) is not expired: it leaves the set, and its next end adds it
 # back. The marker is written only while the record, which names the owner, exists.
-# KEYS: the retention set, rq job, record, ended list, RQ's results, the marker, then the sets to drop
+# KEYS: the retention set, rq job, record, ended list, RQ's results, events, the marker, then the sets to drop
 # the id from (listing indexes, RQ's registries). ARGV: job id, unix now, grace seconds.
 # Returns 'live' or 'expired'.
 _EXPIRE_SCRIPT = """
@@ -63,13 +64,13 @@ if status and status ~= 'finished' and status ~= 'failed' and status ~= 'cancele
 end
 if redis.call('EXISTS', KEYS[3]) == 1 and tonumber(ARGV[3]) > 0 then
   local owner = redis.call('HGET', KEYS[3], 'owner')
-  redis.call('DEL', KEYS[6])
-  redis.call('HSET', KEYS[6], 'expired_at', ARGV[2])
-  if owner then redis.call('HSET', KEYS[6], 'owner', owner) end
-  redis.call('EXPIRE', KEYS[6], ARGV[3])
+  redis.call('DEL', KEYS[7])
+  redis.call('HSET', KEYS[7], 'expired_at', ARGV[2])
+  if owner then redis.call('HSET', KEYS[7], 'owner', owner) end
+  redis.call('EXPIRE', KEYS[7], ARGV[3])
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-for i = 7, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+for i = 8, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 'expired'
 """
 
@@ -206,6 +207,7 @@ def _expire_records(redis: Redis, job_id: str, now: float, grace_s: int) -> bool
         record_key(job_id),
         ended_key(job_id),
         Result.get_key(job_id),
+        events_key(job_id),
         expired_key(job_id),
         *drop_from,
     ]

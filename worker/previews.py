@@ -48,12 +48,11 @@ class LatentRGB:
         return (rgb * 255).round().to(torch.uint8)
 
 
-def fit_latent_rgb(model: LoadedModel) -> LatentRGB:
-    """Fit `model`'s latent-to-RGB map on its own samples: FIT_SAMPLES rows at its default size and
+def fit_latent_rgb(model: LoadedModel, width: int, height: int) -> LatentRGB:
+    """Fit `model`'s latent-to-RGB map on its own samples: FIT_SAMPLES rows of width x height and
     FIT_STEPS steps, one frame (class models: every class in turn; text models: the empty prompt), each
     final latent against its decoded colours averaged over each latent cell."""
     spec = model.spec()
-    width, height = (int(side) for side in spec.default_size.split("x"))
     if model.conditioning is ConditioningKind.CLASS:
         conditions = [RowCondition(class_label=k % (spec.num_classes or 1)) for k in range(FIT_SAMPLES)]
     else:
@@ -104,7 +103,8 @@ class Previewer:
         (M, C, *S); none if previews fail (a preview is never worth failing a batch for)."""
         try:
             if model.name not in self._maps:
-                self._maps[model.name] = fit_latent_rgb(model)
+                # Fitted at this request's size: every size the model serves samples alike per cell.
+                self._maps[model.name] = fit_latent_rgb(model, request.width, request.height)
             cells = self._maps[model.name](clean)  # (M, h, w, 3)
             events = []
             for (job_id, index), row in zip(outputs, cells, strict=True):
