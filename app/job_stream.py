@@ -14,7 +14,6 @@ from redis import Redis
 
 from app.auth import Caller
 from app.errors import Gone, NotFound
-from app.schemas import JobBody
 from app.views import job_body
 from dit_serve.eta import running_eta_s
 from dit_serve.events import (
@@ -27,6 +26,7 @@ from dit_serve.events import (
     events_key,
 )
 from dit_serve.jobs import ENDED_STATUSES, JobStatus
+from dit_serve.schemas import JobBody
 
 BLOCK_MS = 1000  # wait this long for worker events before looking at the job's state again
 KEEP_ALIVE_S = 15.0  # a tick this often keeps proxies from closing a quiet stream

@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import (
+from dit_serve.contract import MAX_QUEUE_TIMEOUT_S, Priority
+from dit_serve.schemas import (
     MAX_FPS,
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
@@ -19,7 +20,6 @@ from app.schemas import (
     SIZE_PATTERN,
     ImageRequest,
 )
-from dit_serve.contract import MAX_QUEUE_TIMEOUT_S, Priority
 
 AUTO = "auto"
 MAX_COMPRESSION = 100

@@ -9,8 +9,8 @@ API). The video object's `seconds` is always the real length, frames / fps.
 
 from app.openai_errors import OpenAIError
 from app.openai_schemas import Video, VideoError, VideoForm
-from app.schemas import DEFAULT_FPS, MAX_FPS, JobBody, VideoRequest
 from dit_serve.contract import ModelSpec, OutputFormat
+from dit_serve.schemas import DEFAULT_FPS, MAX_FPS, JobBody, VideoRequest
 
 DURATION_TOLERANCE = 0.1  # the clip may be up to 10% longer or shorter than `seconds`
 CANCELED = "canceled"

@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from app.middleware import REQUEST_ID_HEADER
 from app.openai_errors import NO_RETRY, OPENAI_STATUS, OpenAIMultipartRoute
 from app.openai_schemas import OpenAIErrorBody
-from app.schemas import ErrorBody
 from dit_serve.idempotency import IDEMPOTENCY_HEADER, VALID_KEY
+from dit_serve.schemas import ErrorBody
 
 ERROR_STATUS = 400  # statuses from here on are errors, answered as ErrorBody
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")

@@ -4,9 +4,9 @@ import secrets
 import uuid
 
 from app.errors import InvalidRequest, ServiceUnavailable
-from app.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
 from dit_serve.contract import ClientOptions, ConditioningKind, JobKind, JobRequest, ModelSpec, WebhookEvent
 from dit_serve.labels import UnknownLabelError, label_id
+from dit_serve.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
 from dit_serve.webhook_guard import AllowList, Resolver, WebhookURLRefused, check_url, system_resolver
 
 

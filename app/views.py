@@ -9,7 +9,6 @@ from redis import Redis
 
 from app.auth import Caller
 from app.errors import Gone, InvalidRequest, NotFound, ServiceUnavailable
-from app.schemas import JobBody, OutputBody
 from dit_serve.contract import JobTooNewError
 from dit_serve.eta import queued_eta_s, read_stats, running_eta_s
 from dit_serve.job_index import UnknownCursorError, forget, index_key, newest_ids
@@ -26,6 +25,7 @@ from dit_serve.jobs import (
 )
 from dit_serve.queueing import queue_position
 from dit_serve.retention import expired_key, parse_expired
+from dit_serve.schemas import JobBody, OutputBody
 from dit_serve.webhooks import job_deliveries
 
 RQ_STATUS_FIELD = "status"

@@ -1,4 +1,4 @@
-"""The `dit-serve` command: up (everything in one command), api, worker, keys, train, eval."""
+"""The `dit-serve` command: up (everything in one command), api, worker, keys, generate, train, eval."""
 
 import argparse
 import json
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from pydantic import SecretStr
 
+from cli.generate import add_generate_parser, run_generate
 from cli.keys import add_keys_parser, run_keys
 from cli.soak import add_soak_parser, run_soak_command
 from dit_serve.config import AuthMode, Settings, auth_default, get_settings
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="serve a pipeline directory or hub id as NAME (repeatable; DIT_MODELS as a JSON list)",
         )
     add_keys_parser(commands)
+    add_generate_parser(commands)
     add_soak_parser(commands)
     train = commands.add_parser(
         "train", help="retrain a bundled model from its fixed-seed recipe (CPU: minutes)"
@@ -300,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _setup_logging("info")
         run_train(args) if args.command == "train" else run_evaluation(args)
         return
+    if args.command == "generate":
+        raise SystemExit(run_generate(args))
     if args.command == "keys":
         run_keys(args, args.redis_url or get_settings().redis_url)
         return

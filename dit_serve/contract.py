@@ -118,7 +118,7 @@ class ModelSpec(BaseModel):
 class ClientOptions(BaseModel):
     """Request fields that travel unchanged from the client's body to the worker.
 
-    The API's request bodies (app/schemas.py) and `JobRequest` both inherit these fields, and the API's
+    The API's request bodies (dit_serve/schemas.py) and `JobRequest` both inherit these fields, and the API's
     normalisation copies them across, so a field added here is accepted, validated, stored and
     readable as `ticket.request.<field>` in the worker with no other change.
     """

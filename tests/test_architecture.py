@@ -74,6 +74,27 @@ assert not loaded
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+CLIENT_FREE_OF = (*HEAVY, "fastapi", "starlette", "uvicorn", "rq", "boto3")
+
+
+def test_the_client_imports_and_runs_without_the_server_stack() -> None:
+    """dit_serve.client works on a machine with none of torch, the web stack, RQ or boto3 installed."""
+    script = (
+        BLOCK_HEAVY.replace(repr(HEAVY), repr(CLIENT_FREE_OF))
+        + """
+from dit_serve.client import AsyncClient, Client, build_submission
+with Client("http://127.0.0.1:1") as client:
+    assert client.settings.base_url == "http://127.0.0.1:1"
+AsyncClient("http://127.0.0.1:1")
+assert build_submission("image", "red circle", n=2).n == 2
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_tests_and_benchmarks_do_not_ship_in_the_package() -> None:
     """The wheel's packages are the product's; test builders and benchmark tools stay out of it."""
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]

@@ -24,9 +24,9 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 from redis import Redis
 
-from app import schemas
 from app.main import create_app
 from app.playground import STATIC_DIR
+from dit_serve import schemas
 from dit_serve.config import get_settings
 from dit_serve.keys import create_key
 from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME

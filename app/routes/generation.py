@@ -14,7 +14,6 @@ from app.auth import Caller, CallerDep, get_caller
 from app.deps import RedisDep, SettingsDep, require_json
 from app.errors import Conflict, Gone, InvalidRequest, NotFound, TooManyRequests
 from app.openapi import SUBMISSION_PARAMETERS, SUBMISSION_RESPONSES
-from app.schemas import ImageRequest, JobBody, VideoRequest
 from app.submission import check_webhook, choose_model, new_job_id, normalise
 from app.views import job_body
 from app.webhook_sender import signing_secret
@@ -26,6 +25,7 @@ from dit_serve.idempotency import IDEMPOTENCY_HEADER, VALID_KEY, Claim, ClaimOut
 from dit_serve.idempotency import release as release_claim
 from dit_serve.jobs import JobRecord
 from dit_serve.queueing import QueueFullError, completions_per_s, enqueue_job
+from dit_serve.schemas import ImageRequest, JobBody, VideoRequest
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 CHECKS = [Depends(get_caller), Depends(require_json)]  # in this order: the key before anything else

@@ -23,10 +23,10 @@ from app.openapi import (
     UNAUTHORIZED,
     error_responses,
 )
-from app.schemas import JobBody, JobList
 from app.views import job_body, jobs_page, read_record, stored_output, wait_for_end
 from dit_serve.jobs import JobStatus
 from dit_serve.queueing import cancel_job
+from dit_serve.schemas import JobBody, JobList
 from dit_serve.storage import OutputNotFoundError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

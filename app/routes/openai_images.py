@@ -32,7 +32,6 @@ from app.openai_schemas import (
 from app.openapi import OPENAI_IMAGES_RESPONSES, SUBMISSION_PARAMETERS
 from app.routes.events import EVENT_STREAM
 from app.routes.generation import submit
-from app.schemas import JobBody
 from app.submission import choose_model
 from app.views import output_url, read_record, wait_for_end
 from dit_serve.catalog import served_models
@@ -40,6 +39,7 @@ from dit_serve.config import Settings
 from dit_serve.contract import JobKind
 from dit_serve.events import EventType, PreviewEvent
 from dit_serve.jobs import JobStatus
+from dit_serve.schemas import JobBody
 from dit_serve.storage import Storage
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)

@@ -28,7 +28,6 @@ from app.openapi import (
 )
 from app.routes.generation import submit
 from app.routes.jobs import DEFAULT_PAGE, MAX_PAGE
-from app.schemas import JobBody
 from app.submission import choose_model
 from app.thumbnails import THUMBNAIL_CONTENT_TYPE, thumbnail
 from app.views import job_body, jobs_page, read_record, wait_for_end
@@ -37,6 +36,7 @@ from dit_serve.contract import JobKind
 from dit_serve.jobs import ENDED_STATUSES
 from dit_serve.queueing import cancel_job
 from dit_serve.retention import delete_job
+from dit_serve.schemas import JobBody
 from dit_serve.storage import OutputNotFoundError
 
 router = APIRouter(

@@ -8,8 +8,8 @@ from app.auth import CallerDep
 from app.deps import RedisDep
 from app.errors import ServiceUnavailable
 from app.openapi import NO_WORKER, REDIS_UNAVAILABLE, UNAUTHORIZED, error_responses
-from app.schemas import ModelList
 from dit_serve.catalog import live_workers, served_models
+from dit_serve.schemas import ModelList
 
 router = APIRouter(tags=["system"])
 

@@ -4,7 +4,7 @@
 
 import { serverSentEvents } from "./sse.js";
 
-// The API's own bounds on request fields (app/schemas.py; tests/test_playground.py keeps them equal).
+// The API's own bounds on request fields (dit_serve/schemas.py; tests/test_playground.py keeps them equal).
 // The server checks them too; the form uses them so that a slip is caught before a round trip.
 const LIMITS = Object.freeze({ n: 8, steps: 100, guidance: 20, fps: 60, promptChars: 1000 });
 // Seeds above 2^53 lose digits in JavaScript numbers, so the page keeps to the exactly representable ones.

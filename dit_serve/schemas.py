@@ -1,5 +1,9 @@
 """Request and response bodies of the v1 API (diffusers' parameter names).
 
+They live in the core, not in app/, because two sides speak them: the API validates and answers with
+them, and the Python client (dit_serve/client/) builds its requests and parses its answers with the
+same types, without importing the web stack.
+
 Request bodies inherit `ClientOptions` from the job contract (dit_serve/contract.py): fields that travel
 unchanged to the worker are declared there once. Model descriptions are the contract's `ModelSpec`.
 """
@@ -106,8 +110,9 @@ class JobBody(BaseModel):
     progress: int
     queue_position: int | None
     eta_s: float | None = Field(
+        None,  # absent from older APIs' jobs, which the Python client still reads
         description="seconds until the job's last denoising step, estimated from measured step times "
-        "and the queue ahead (null when ended, or before anything has been measured)"
+        "and the queue ahead (null when ended, or before anything has been measured)",
     )
     created_at: float | None
     started_at: float | None
