@@ -125,3 +125,12 @@ def test_every_family_makes_decodable_previews(key: str, model_dirs: dict[str, P
     assert [event.step for event in events] == [2]
     image = Image.open(io.BytesIO(base64.b64decode(events[0].b64_json)))
     assert image.size == (events[0].width, events[0].height) == (width, height)
+
+
+@pytest.mark.slow
+def test_the_previews_benchmark_runs_in_a_small_setting() -> None:
+    from bench.previews import run
+
+    result = run(batch=2, steps=4, every=2, rounds=1)
+    assert result["previews_per_batch"] == 2  # step 2 for both rows (none after the last step)
+    assert float(result["slowdown"]) > 0 and len(result["plain_s"]) == len(result["previews_s"]) == 1  # type: ignore[arg-type]
