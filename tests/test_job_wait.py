@@ -17,7 +17,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from app.routes.jobs import WAIT_SLICE_S
+from app.views import WAIT_SLICE_S
 from dit_serve.jobs import ended_key
 from tests.conftest import POLL_S, Service, paused, running_service, wait_for_status
 
