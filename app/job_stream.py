@@ -33,6 +33,7 @@ KEEP_ALIVE_S = 15.0  # a tick this often keeps proxies from closing a quiet stre
 START = "0"  # before every entry
 KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment
 
+
 # (event name, JSON payload, stream id of the last worker event delivered), or None: a keep-alive tick.
 StreamItem = tuple[str, str, str] | None
 

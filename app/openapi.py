@@ -263,10 +263,29 @@ OPENAI_IMAGES_RESPONSES = openai_error_responses(
     GENERATION_CANCELED,
     GENERATION_TIMEOUT,
 )
+
+
+def sse_schema(events: list[str]) -> dict[str, object]:
+    """The OpenAPI schema of one event of an SSE stream of these `events`, each carrying JSON."""
+    return {
+        "type": "object",
+        "properties": {
+            "event": {"type": "string", "enum": events},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+            "id": {"type": "string"},
+        },
+        "required": ["event", "data"],
+    }
+
+
 OPENAI_IMAGES_RESPONSES[200] = {
     "description": "the images; with `stream: true`, Server-Sent Events (image_generation.partial_image, "
     "then image_generation.completed per image, or error)",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {
+        "text/event-stream": {
+            "schema": sse_schema(["image_generation.partial_image", "image_generation.completed", "error"])
+        }
+    },
 }
 OPENAI_SUBMISSION_RESPONSES = openai_error_responses(*OPENAI_SUBMISSION_ERRORS, UNSUPPORTED_SECONDS)
 _OPENAI_READ_ERRORS = (UNAUTHORIZED, REDIS_UNAVAILABLE, JOB_SCHEMA_TOO_NEW, INVALID_PARAMETER)

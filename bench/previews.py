@@ -26,7 +26,6 @@ BUNDLED_IMAGE = Path(__file__).resolve().parent.parent / "models" / "bundled" / 
 
 
 def run(batch: int, steps: int, every: int, rounds: int) -> dict[str, object]:
-    torch.set_grad_enabled(False)
     model = load_model("dit-shapes-image", BUNDLED_IMAGE, torch.device("cpu"))
     width, height = (int(side) for side in model.spec().default_size.split("x"))
     labels = [k % (model.spec().num_classes or 1) for k in range(batch)]

@@ -95,7 +95,11 @@ def run_generate(args: argparse.Namespace) -> int:
                 job = _follow(client, job, progress)
             except KeyboardInterrupt:
                 progress.close()
-                _cancel(client, job.id)
+                # A fresh client: the interrupt may have landed while the other held its connection
+                # pool's lock (a `with lock:` can leak it to an exception raised by a signal handler),
+                # and the cancel would then wait on that lock forever.
+                with Client(args.url, args.key) as fresh:
+                    _cancel(fresh, job.id)
                 return EXIT_INTERRUPTED
             progress.close()
             if args.json:

@@ -24,8 +24,10 @@ from app.openapi import (
     REDIS_UNAVAILABLE,
     UNAUTHORIZED,
     error_responses,
+    sse_schema,
 )
 from app.views import job_body
+from dit_serve.events import EventType
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -40,7 +42,7 @@ EVENT_STREAM = "text/event-stream"
         200: {
             "description": "Server-Sent Events: `queued`, `started`, `progress`, `preview`, then one of "
             "`completed`, `failed` or `canceled` with the job object, after which the stream ends",
-            "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+            "content": {EVENT_STREAM: {"schema": sse_schema([event.value for event in EventType])}},
         },
         **error_responses(
             UNAUTHORIZED, REDIS_UNAVAILABLE, JOB_SCHEMA_TOO_NEW, JOB_NOT_FOUND, JOB_EXPIRED, INVALID_PARAMETER
