@@ -1,7 +1,8 @@
 """Schemathesis hooks for tests/test_openapi_fuzz.py, loaded by its `st` process (SCHEMATHESIS_HOOKS)."""
 
+import os
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import httpx
 import schemathesis
@@ -10,6 +11,9 @@ from app.routes.jobs import MAX_WAIT_S
 
 WAIT_CAP_S = 0.2
 JOB = ("GET", "/v1/jobs/{job_id}")
+EVENTS = ("GET", "/v1/jobs/{job_id}/events")
+# Where the fuzz test's API listens and the key it accepts (set by tests/test_openapi_fuzz.py).
+API_ENV, KEY_ENV = "DIT_FUZZ_API", "DIT_FUZZ_KEY"
 # The API resolves a webhook_url's host name when it accepts it: a generated URL must not make it look
 # up an arbitrary name. This one is an IP literal, allow-listed by the fuzz test, and nothing listens.
 LOCAL_WEBHOOK_URL = "http://127.0.0.1:9/hook"
@@ -36,11 +40,22 @@ def before_call(_context: Any, case: Any, _kwargs: dict[str, Any]) -> None:
         case.operation.path == IMAGE_GENERATIONS or case.media_type == MULTIPART
     ):
         _pin_model_fields(case.body, image=case.operation.path == IMAGE_GENERATIONS)
+    if (case.operation.method.upper(), case.operation.path) == EVENTS:
+        _cancel_first(case)
     if (case.operation.method.upper(), case.operation.path) != JOB or not case.query:
         return
     wait = case.query.get("wait")
     if WAIT_CAP_S < _seconds(wait) <= MAX_WAIT_S:
         case.query["wait"] = str(WAIT_CAP_S) if isinstance(wait, str) else WAIT_CAP_S
+
+
+def _cancel_first(case: Any) -> None:
+    """Cancel the job whose event stream is asked for, so that the stream ends at once with its
+    `canceled` event: with no worker a queued job's stream would last until the client gave up."""
+    job_id = (case.path_parameters or {}).get("job_id")
+    if isinstance(job_id, str) and job_id:
+        url = f"{os.environ[API_ENV]}/v1/jobs/{quote(job_id, safe='')}"
+        httpx.delete(url, headers={"Authorization": f"Bearer {os.environ[KEY_ENV]}"}, timeout=10)
 
 
 def _seconds(value: object) -> float:

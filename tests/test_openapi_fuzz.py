@@ -21,6 +21,7 @@ from dit_serve.catalog import publish_worker
 from dit_serve.contract import ConditioningKind, JobKind, ModelDefaults, ModelSpec
 from dit_serve.keys import create_key
 from tests.conftest import api_without_workers
+from tests.schemathesis_hooks import API_ENV, KEY_ENV
 from tests.test_contract import SPEC
 
 pytestmark = pytest.mark.slow
@@ -145,7 +146,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(redis_url: s
                 "--no-color",
             ],
             cwd=tmp_path,
-            env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)},
+            env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS), API_ENV: svc.base_url, KEY_ENV: secret},
             capture_output=True,
             text=True,
             timeout=RUN_TIMEOUT_S,
