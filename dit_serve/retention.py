@@ -150,14 +150,8 @@ def sweep_expired_jobs(
         if not _expire_records(redis, job_id, now, grace_s):
             log.warning("job %s is queued or running again; it is no longer due for deletion", job_id)
             continue
-        if delete_outputs:
-            try:
-                storage.delete_prefix(output_prefix(job_id))
-            except RedisError:
-                raise
-            except Exception:
-                log.exception("deleting the outputs of job %s failed; retried in %d s", job_id, SWEEP_LEASE_S)
-                continue
+        if delete_outputs and not _delete_outputs(storage, job_id):
+            continue  # swept again once the claim lapses
         redis.zrem(RETENTION_KEY, job_id)
         swept.append(job_id)
     if swept:
@@ -176,16 +170,22 @@ def delete_job(redis: Redis, storage: Storage, job_id: str, delete_outputs: bool
     now = time.time()
     if not _expire_records(redis, job_id, now, grace_s=0):
         return False
-    if delete_outputs:
-        try:
-            storage.delete_prefix(output_prefix(job_id))
-        except RedisError:
-            raise
-        except Exception:
-            log.exception("deleting the outputs of job %s failed; the retention sweep retries it", job_id)
-            redis.zadd(RETENTION_KEY, {job_id: now})
-            return True
+    if delete_outputs and not _delete_outputs(storage, job_id):
+        redis.zadd(RETENTION_KEY, {job_id: now})  # the sweep deletes them at its next pass
+        return True
     redis.zrem(RETENTION_KEY, job_id)
+    return True
+
+
+def _delete_outputs(storage: Storage, job_id: str) -> bool:
+    """Delete a job's outputs; False (logged) when storage failed, for the sweep to try again."""
+    try:
+        storage.delete_prefix(output_prefix(job_id))
+    except RedisError:
+        raise
+    except Exception:
+        log.exception("deleting the outputs of job %s failed; the retention sweep tries again", job_id)
+        return False
     return True
 
 

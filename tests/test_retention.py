@@ -15,6 +15,7 @@ from rq.registry import FinishedJobRegistry
 from app.auth import Caller
 from app.errors import Gone, NotFound
 from app.views import read_record
+from dit_serve.events import events_key
 from dit_serve.job_index import ALL_JOBS_KEY, owner_index_key
 from dit_serve.jobs import JobError, JobRecord, OutputRecord, ended_key, queue_name, record_key, rq_job_key
 from dit_serve.queueing import cancel_job, enqueue_job, fail_queued_job, reap_lost_jobs
@@ -122,6 +123,7 @@ def test_the_sweep_deletes_outputs_and_records_and_leaves_the_owner_a_marker(
 ) -> None:
     storage = LocalStorage(tmp_path)
     _complete(redis, storage, "old", n=2)
+    redis.xadd(events_key("old"), {"type": "progress", "data": "{}"})  # its live events
     _complete(redis, storage, "other", n=1, owner="bob")
     redis.zadd(RETENTION_KEY, {"other": time.time() + 2 * TTL_S})  # it ended later
     assert read_record(redis, "old", ALICE)[0].outputs[1].key == "jobs/old/1.png"
@@ -130,7 +132,7 @@ def test_the_sweep_deletes_outputs_and_records_and_leaves_the_owner_a_marker(
     assert sweep_expired_jobs(redis, storage, grace_s=GRACE_S, now=_later()) == ["old"]
     assert not (tmp_path / "jobs" / "old").exists()
     assert storage.exists("jobs/other/0.png")  # not due: untouched
-    # Every key of the job is gone but its marker, and its id is in no set any more.
+    # Every key of the job (its event stream too) is gone but its marker, and its id is in no set any more.
     assert [key.decode() for key in redis.keys("*old*")] == [expired_key("old")]
     for key in (ALL_JOBS_KEY, owner_index_key("alice"), FinishedJobRegistry(QUEUE, connection=redis).key):
         assert redis.zscore(key, "old") is None, key
