@@ -2,9 +2,11 @@
 
 `seconds` <-> frames: a video has the model's default number of frames (or `num_frames`), and
 `seconds` sets how fast they play: fps = round(frames / seconds), between 1 and MAX_FPS, and the
-clip's real length, frames / fps, must be within DURATION_TOLERANCE of `seconds` (a 400 otherwise,
-naming durations that fit). Without `seconds`, the frames play at `fps` (default 8, as on our job
-API). The video object's `seconds` is always the real length, frames / fps.
+clip's real length, frames / fps, must be within DURATION_TOLERANCE of `seconds`. When the default
+frames cannot (12 s of the bundled model's 16 frames), fewer frames that the model takes can: the
+count and fps closest to `seconds` (12 frames at 1 fps). A 400 otherwise, naming durations that
+fit. Without `seconds`, the frames play at `fps` (default 8, as on our job API). The video object's
+`seconds` is always the real length, frames / fps.
 """
 
 from app.openai_errors import OpenAIError
@@ -22,13 +24,28 @@ def duration(num_frames: int, fps: int) -> str:
     return f"{num_frames / fps:g}"
 
 
-def _fps_for(seconds: float, frames: int, spec: ModelSpec) -> int:
-    """The whole fps at which `frames` last about `seconds`; 400 when none does."""
+def _fps_for(seconds: float, frames: int) -> int | None:
+    """The whole fps at which `frames` last about `seconds`, if one does."""
     fps = round(frames / seconds)
     if 1 <= fps <= MAX_FPS and abs(frames / fps - seconds) <= DURATION_TOLERANCE * seconds:
         return fps
+    return None
+
+
+def _fewer_frames(seconds: float, frames: int, spec: ModelSpec) -> tuple[int, int] | None:
+    """When the model's default `frames` cannot last `seconds` at a whole fps: the frame count below it
+    (one the model takes) and fps that come closest to `seconds`, within DURATION_TOLERANCE."""
+    fits = [
+        (abs(count / fps - seconds), -count, count, fps)
+        for count in range(frames - 1, 0, -1)
+        if (count - 1) % spec.frames_multiple == 0 and (fps := _fps_for(seconds, count)) is not None
+    ]
+    return min(fits)[2:] if fits else None
+
+
+def _unsupported(seconds: float, frames: int, spec: ModelSpec) -> OpenAIError:
     exact = [duration(frames, rate) for rate in range(1, MAX_FPS + 1) if frames % rate == 0]
-    raise OpenAIError(
+    return OpenAIError(
         400,
         "unsupported_seconds",
         f"seconds {seconds:g} does not fit {spec.name}: its {frames} frames play at a whole fps from 1 to "
@@ -42,13 +59,20 @@ def _fps_for(seconds: float, frames: int, spec: ModelSpec) -> int:
 def video_request(form: VideoForm, spec: ModelSpec) -> VideoRequest:
     """Our video job's request for OpenAI's create-video form, for model `spec`."""
     frames = form.num_frames or spec.defaults.num_frames or spec.max_frames or 1
+    num_frames = form.num_frames
     fps = form.fps or DEFAULT_FPS
     if form.seconds is not None:
         seconds = float(form.seconds)
         if seconds <= 0:
             raise OpenAIError(400, "invalid_request", "seconds must be more than 0", param="seconds")
         if form.fps is None:
-            fps = _fps_for(seconds, frames, spec)
+            found = _fps_for(seconds, frames)
+            if found is None and form.num_frames is None:
+                # The default frames cannot last that long (or that short) at a whole fps: fewer can.
+                num_frames, found = _fewer_frames(seconds, frames, spec) or (None, None)
+            if found is None:
+                raise _unsupported(seconds, frames, spec)
+            fps = found
         elif abs(frames / fps - seconds) > DURATION_TOLERANCE * seconds:
             raise OpenAIError(
                 400,
@@ -60,7 +84,7 @@ def video_request(form: VideoForm, spec: ModelSpec) -> VideoRequest:
     return VideoRequest(
         **form.model_dump(exclude={"seconds", "model", "num_frames", "fps"}, exclude_none=True),
         model=spec.name,
-        num_frames=form.num_frames,
+        num_frames=num_frames,
         fps=fps,
         output_format=OutputFormat.MP4.value,
     )
