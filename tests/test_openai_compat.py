@@ -172,7 +172,7 @@ def test_deleting_a_queued_video_cancels_it_first(client: OpenAI, service: Servi
 
 def test_video_errors_raise_the_sdks_typed_exceptions(client: OpenAI, service: Service) -> None:
     with pytest.raises(openai.BadRequestError) as seconds:
-        client.videos.create(prompt="red circle moving up", seconds="12")  # 16 frames cannot last 12 s
+        client.videos.create(prompt="red circle moving up", seconds="30")  # 16 frames last 16 s at most
     assert seconds.value.code == "unsupported_seconds" and seconds.value.param == "seconds"
     assert "16 frames" in str(seconds.value.message) and "num_frames" in str(seconds.value.message)
     with pytest.raises(openai.BadRequestError) as size:
