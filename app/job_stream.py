@@ -17,13 +17,12 @@ from app.errors import Gone, NotFound
 from app.views import job_body
 from dit_serve.eta import running_eta_s
 from dit_serve.events import (
-    PAYLOAD_FIELD,
-    TYPE_FIELD,
     EventType,
     ProgressEvent,
     QueuedEvent,
     StartedEvent,
     events_key,
+    parse_entries,
 )
 from dit_serve.jobs import ENDED_STATUSES, JobStatus
 from dit_serve.schemas import JobBody
@@ -60,10 +59,7 @@ async def job_stream(
         # written before it ended, so none is missed before the final event.
         reply = await waits.xread({events_key(job_id): cursor}, block=block_ms)
         block_ms = BLOCK_MS
-        for entry_id, fields in reply[0][1] if reply else []:
-            cursor = entry_id.decode()
-            kind = fields[TYPE_FIELD.encode()].decode()
-            data = fields[PAYLOAD_FIELD.encode()].decode()
+        for cursor, kind, data in parse_entries(reply):
             if kind == EventType.STARTED:
                 started_at = StartedEvent.model_validate_json(data).started_at
             elif kind == EventType.PROGRESS:

@@ -112,18 +112,10 @@ def append(pipe: Redis | Pipeline, event: WorkerEvent) -> None:
     pipe.expire(key, EVENTS_TTL_S)
 
 
-def read_after(
-    redis: Redis, job_id: str, after: str, block_ms: int | None = None
-) -> list[tuple[str, EventType, str]]:
-    """The events of `job_id` after stream id `after` ("0": all), as (id, type, JSON payload); with
-    `block_ms`, wait that long for the first one."""
-    reply: Any = redis.xread({events_key(job_id): after}, block=block_ms)
+def parse_entries(reply: Any) -> list[tuple[str, str, str]]:
+    """An XREAD reply on one job's stream as (entry id, event type, JSON payload), oldest first."""
     entries = reply[0][1] if reply else []
     return [
-        (
-            entry_id.decode(),
-            EventType(fields[TYPE_FIELD.encode()].decode()),
-            fields[PAYLOAD_FIELD.encode()].decode(),
-        )
+        (entry_id.decode(), fields[TYPE_FIELD.encode()].decode(), fields[PAYLOAD_FIELD.encode()].decode())
         for entry_id, fields in entries
     ]

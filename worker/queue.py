@@ -337,20 +337,20 @@ class JobQueue:
         previews to its event stream, and the model's step `stats` (model, stats) for ETAs; returns
         the ids of jobs a client asked to cancel."""
         with self.redis.pipeline() as pipe:
-            if stats is not None:
-                record_step(pipe, *stats)
             for event in progress:
                 pipe.hset(
                     record_key(event.id),
                     mapping={RecordField.PROGRESS.value: event.percent, RecordField.STEP.value: event.step},
                 )
                 pipe.hget(record_key(event.id), RecordField.CANCEL.value)
+            if stats is not None:
+                record_step(pipe, *stats)
             for step_event in progress:
                 append_event(pipe, step_event)
             for preview in previews:
                 append_event(pipe, preview)
             replies = pipe.execute()
-        flags = replies[(2 if stats else 0) :][1 : 2 * len(progress) : 2]
+        flags = replies[1 : 2 * len(progress) : 2]  # each job's HGET of its cancel flag
         return {event.id for event, flag in zip(progress, flags, strict=True) if flag == b"1"}
 
     def announce_started(self, tickets: Sequence[JobTicket], started_at: float) -> None:
