@@ -2,8 +2,10 @@
 
 import secrets
 import uuid
+from collections.abc import Mapping
 
 from app.errors import InvalidRequest, ServiceUnavailable
+from dit_serve.caching import CacheChoice, CachePolicy, resolve
 from dit_serve.contract import ClientOptions, ConditioningKind, JobKind, JobRequest, ModelSpec, WebhookEvent
 from dit_serve.labels import UnknownLabelError, label_id
 from dit_serve.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
@@ -112,8 +114,30 @@ def _frames(request: VideoRequest, spec: ModelSpec) -> int:
     return frames
 
 
-def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSpec) -> JobRequest:
-    """The full request with every default filled in from the model's spec and the seed chosen."""
+def _cache(
+    request: GenerationRequest, spec: ModelSpec, defaults: Mapping[str, CacheChoice]
+) -> CachePolicy | None:
+    """The step-caching policy the job runs with: the request's, else the server's default for the model."""
+    policy = resolve(request.cache, spec.cache_auto, defaults.get(spec.name))
+    if policy is not None and policy.policy.value not in spec.cache_policies:
+        offered = ", ".join(spec.cache_policies) or "none (its family has no block stack to cache)"
+        raise InvalidRequest(
+            f"model {spec.name} has no {policy.policy.value} step caching; its policies: {offered}",
+            "unsupported_cache",
+        )
+    return policy
+
+
+def normalise(
+    request: ImageRequest | VideoRequest,
+    kind: JobKind,
+    spec: ModelSpec,
+    cache_defaults: Mapping[str, CacheChoice] | None = None,
+) -> JobRequest:
+    """The full request with every default filled in from the model's spec and the seed chosen.
+
+    `cache_defaults`: the server's step-caching default per model name (`--cache MODEL=POLICY`).
+    """
     width, height = _size(request, spec)
     frames, fps = (_frames(request, spec), request.fps) if isinstance(request, VideoRequest) else (1, None)
     events = request.webhook_events
@@ -135,6 +159,7 @@ def normalise(request: ImageRequest | VideoRequest, kind: JobKind, spec: ModelSp
         output_format=request.output_format,  # type: ignore[arg-type]
         num_frames=frames,
         fps=fps,
+        cache=_cache(request, spec, cache_defaults or {}),
     ).model_copy(update={"webhook_events": events})
 
 

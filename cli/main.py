@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="NAME=SOURCE",
             help="serve a pipeline directory or hub id as NAME (repeatable; DIT_MODELS as a JSON list)",
         )
+        command.add_argument(
+            "--cache",
+            dest="cache",
+            action="append",
+            default=None,
+            metavar="MODEL=POLICY",
+            help="step caching for requests to MODEL that name none: none, auto (the model's measured "
+            "policy), first_block, interval, or NAME,KNOB=VALUE,... (repeatable; DIT_CACHE as a JSON list)",
+        )
     add_keys_parser(commands)
     add_generate_parser(commands)
     add_soak_parser(commands)
@@ -177,6 +186,7 @@ def run_evaluation(args: argparse.Namespace) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {field: getattr(args, field) for _, field, _ in COMMON_FLAGS}
     overrides["models"] = args.models
+    overrides["cache"] = args.cache
     return get_settings(**overrides)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dit_serve.caching import CacheChoice, parse_policy
 from dit_serve.idempotency import IDEMPOTENCY_TTL_S
 from dit_serve.metrics import DEFAULT_WORKER_METRICS_PORT
 from dit_serve.scheduling import DEFAULT_AGING_S
@@ -90,6 +91,9 @@ class Settings(BaseSettings):
     # (downloaded once, when the network allows). Empty: the bundled models.
     models: list[str] = Field(default_factory=list)
     default_model: str | None = None
+    # Step caching a request gets when it names none, as MODEL=POLICY (dit_serve/caching.py's syntax:
+    # none, auto, first_block, interval, or name,knob=value,...). A model not named: no caching.
+    cache: list[str] = Field(default_factory=list)
     device: Device = Device.AUTO
     dtype: Dtype = Dtype.FP32  # weights and sampling dtype for every model of a worker
     compile: CompileMode = CompileMode.NONE
@@ -143,6 +147,18 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(DEFAULT_BACKOFF_S, gt=0)
     webhook_max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, le=20)
 
+    @field_validator("cache")
+    @classmethod
+    def _cache_defaults_parse(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            _cache_entry(entry)
+        return value
+
+    @property
+    def cache_defaults(self) -> dict[str, CacheChoice]:
+        """The step-caching default per model name."""
+        return dict(_cache_entry(entry) for entry in self.cache)
+
     @field_validator("webhook_allow")
     @classmethod
     def _allow_list_parses(cls, value: str) -> str:
@@ -167,3 +183,10 @@ class Settings(BaseSettings):
 def get_settings(**overrides: object) -> Settings:
     """Build the settings from the environment, with explicit overrides (CLI flags) taking precedence."""
     return Settings(**{key: value for key, value in overrides.items() if value is not None})  # type: ignore[arg-type]
+
+
+def _cache_entry(entry: str) -> tuple[str, CacheChoice]:
+    model, sep, policy = entry.partition("=")
+    if not sep or not model.strip():
+        raise ValueError(f"cache default {entry!r}: write MODEL=POLICY, e.g. dit-shapes-image=auto")
+    return model.strip(), parse_policy(policy)

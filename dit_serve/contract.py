@@ -22,11 +22,14 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dit_serve.caching import CachePolicy
+
 # The newest job schema this code writes and understands. Bump it with every field a request gains:
 # an older worker (its JobRequest forbids unknown fields) then leaves the new jobs queued for an
 # upgraded worker instead of failing them as invalid_job. 1: the first contract; 2: `priority`
-# (issue 15), `webhook_url` and `webhook_events` (issue 16); 3: `previews` (issue 17).
-SCHEMA_VERSION = 3
+# (issue 15), `webhook_url` and `webhook_events` (issue 16); 3: `previews` (issue 17); 4: `cache`
+# (issue 18).
+SCHEMA_VERSION = 4
 MAX_QUEUE_TIMEOUT_S = 86_400
 MAX_WEBHOOK_URL_CHARS = 2048
 MAX_PREVIEW_EVERY = 1000  # previews: at most one every this many steps (more steps than any job has)
@@ -113,6 +116,14 @@ class ModelSpec(BaseModel):
     num_classes: int | None = Field(None, description="class models: class_labels take ids 0..num_classes-1")
     max_frames: int | None = None
     frames_multiple: int = Field(1, description="num_frames - 1 must be a multiple of this")
+    cache_policies: list[str] = Field(
+        default_factory=list, description="the step-caching policies a request's `cache` may name"
+    )
+    cache_auto: CachePolicy | None = Field(
+        None,
+        description='what cache: "auto" runs: the policy measured on this model to keep its quality '
+        "(`dit-serve eval --cache`); null: auto means no caching",
+    )
 
 
 class ClientOptions(BaseModel):
@@ -190,6 +201,7 @@ class JobRequest(ClientOptions):
     seed: int = Field(ge=0, description="output k uses seed + k")
     output_format: OutputFormat
     num_frames: int = Field(1, ge=1)  # 1 for images
+    cache: CachePolicy | None = None  # step caching, resolved by the API; None: every step runs
     fps: int | None = None  # videos only
 
     @model_validator(mode="after")

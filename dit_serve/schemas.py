@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
+from dit_serve.caching import CachePolicy
 from dit_serve.contract import ClientOptions, JobRequest, ModelSpec
 from dit_serve.jobs import JobError
 from dit_serve.webhooks import WebhookDelivery
@@ -67,6 +68,13 @@ class GenerationRequest(ClientOptions):
         None, ge=0.0, le=MAX_GUIDANCE, description=f"{MODEL_DEFAULT}; <= 1: no CFG"
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: random; output k uses seed + k")
+    cache: Literal["none", "auto", "first_block", "interval"] | CachePolicy | None = Field(
+        None,
+        description='step caching: "none"; "auto", the policy measured for the model (its `cache_auto`); '
+        "a policy name with its default knobs; or a policy object with knobs. Faster, at a small "
+        "measured cost in fidelity (docs/benchmarks.md). Default: the server's default for the model, "
+        "which is none unless the operator set one",
+    )
 
     @model_validator(mode="after")
     def _one_condition(self) -> "GenerationRequest":

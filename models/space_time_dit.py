@@ -74,6 +74,9 @@ class SpaceTimeDiTModel(ModelMixin, ConfigMixin):
 
         self.transformer_blocks = nn.ModuleList([make_block() for _ in range(num_layers)])
         self.temporal_transformer_blocks = nn.ModuleList([make_block() for _ in range(num_layers)])
+        # Marks the end of the block stack, back in the spatial layout (no weights): step caching
+        # (worker/step_cache.py) reads the stack's result here, in the layout of its input.
+        self.stack_exit = nn.Identity()
 
         frame_positions = torch.arange(num_frames, dtype=torch.float32)  # (F_max,)
         temp_pos_embed = get_1d_sincos_pos_embed_from_grid(self.inner_dim, frame_positions)  # (F_max, D)
@@ -83,6 +86,11 @@ class SpaceTimeDiTModel(ModelMixin, ConfigMixin):
         self.proj_out_1 = nn.Linear(self.inner_dim, 2 * self.inner_dim)
         self.proj_out_2 = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
         self._zero_init()
+
+    def block_stack(self) -> tuple[list[nn.Module], nn.Module]:
+        """The blocks in call order (spatial, temporal, spatial, ...) and the stack's exit marker."""
+        pairs = zip(self.transformer_blocks, self.temporal_transformer_blocks, strict=True)
+        return [block for pair in pairs for block in pair], self.stack_exit
 
     def _zero_init(self) -> None:
         """adaLN-Zero as in the DiT paper: zero every block's modulation and the final layer."""
@@ -141,6 +149,7 @@ class SpaceTimeDiTModel(ModelMixin, ConfigMixin):
             x = temporal(x + frame_pos, timestep=t_temporal, class_labels=y_temporal)  # (N*T, F, D)
             x = x - frame_pos  # (N*T, F, D)
             x = x.reshape(n, t, f, d).transpose(1, 2).reshape(n * f, t, d)  # (N*F, T, D)
+        x = self.stack_exit(x)  # (N*F, T, D)
 
         emb = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)  # (N, D)
         shift, scale = self.proj_out_1(F.silu(emb)).repeat_interleave(f, dim=0).chunk(2, dim=1)  # (N*F, D)

@@ -3,6 +3,7 @@
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from dit_serve.caching import CachePolicy
 from dit_serve.contract import JobKind, JobRequest
 from models.families.base import RowCondition
 
@@ -55,6 +56,7 @@ class JobTicket(JobHandle):
                     negative_prompt=request.negative_prompt or "",
                 ),
                 request.guidance_scale,
+                request.cache,
             )
             for k in range(request.n)
         ]
@@ -69,6 +71,7 @@ class SampleRow:
     seed: int
     condition: RowCondition
     guidance_scale: float
+    cache: CachePolicy | None = None  # step caching, decided per row (worker/step_cache.py)
 
 
 @dataclass

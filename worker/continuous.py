@@ -14,8 +14,10 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from dit_serve.caching import CachePolicy
 from models.families.base import Conditioning, LoadedModel, RowCondition
 from worker.sampling import cfg_denoise, guided_rows, initial_noise, select_rows
+from worker.step_cache import RowCaches, planned, step_cache
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -117,21 +119,28 @@ class RunningBatch:
         self.uncond: Conditioning = {}
         self.guidance = torch.zeros(0, device=model.device)  # (N,)
         self.clean = torch.zeros(0)  # (N, *shape) the last step's predicted clean latents, for previews
+        self.caches = RowCaches()  # step caching, per row id
         self._next_id = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def add(
-        self, conditions: list[RowCondition], seeds: list[int], guidance_scales: list[float]
+        self,
+        conditions: list[RowCondition],
+        seeds: list[int],
+        guidance_scales: list[float],
+        caches: list[CachePolicy | None] | None = None,
     ) -> list[int]:
-        """New rows at step 0 (their noise drawn from their seeds); returns their ids."""
+        """New rows at step 0 (their noise drawn from their seeds, their step caching from `caches`);
+        returns their ids."""
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         latents = initial_noise(generators, self.shape, self.model.device)
         cond, uncond = self.model.conditions(conditions)
         guidance = torch.tensor(guidance_scales, dtype=torch.float32, device=self.model.device)
         ids = list(range(self._next_id, self._next_id + len(seeds)))
         self._next_id += len(seeds)
+        self.caches.add(ids, caches or [None] * len(ids))
         self.ids += ids
         self.positions = torch.cat([self.positions, torch.zeros(len(ids), dtype=torch.long)])
         self.latents = torch.cat([self.latents, latents])
@@ -145,7 +154,11 @@ class RunningBatch:
         timesteps = self.table.timesteps[self.positions]  # (N,) on the CPU
         t = timesteps.to(self.latents.device)
         guided = guided_rows(self.guidance)
-        pred = cfg_denoise(self.model.predict, self.latents, t, self.cond, self.uncond, self.guidance, guided)
+        cache = step_cache(self.model) if self.caches else None
+        with planned(cache, self.caches, self.ids, guided, self.positions.tolist(), self.steps):
+            pred = cfg_denoise(
+                self.model.predict, self.latents, t, self.cond, self.uncond, self.guidance, guided
+            )
         self.latents, self.clean = ddim_update(self.table, pred, timesteps, self.latents)
         self.positions += 1
 
@@ -173,6 +186,7 @@ class RunningBatch:
     def drop(self, ids: list[int]) -> None:
         """Remove rows (canceled, or popped)."""
         gone = set(ids)
+        self.caches.drop(ids)
         keep = torch.tensor([row not in gone for row in self.ids], dtype=torch.bool)
         self.ids = [row for row in self.ids if row not in gone]
         self.positions = self.positions[keep]

@@ -128,6 +128,7 @@ class ContinuousRun:
                 [row.condition for row in rows],
                 [row.seed for row in rows],
                 [row.guidance_scale for row in rows],
+                [row.cache for row in rows],
             )
             self.owners.update(
                 {row_id: (ticket.job_id, row.index) for row_id, row in zip(ids, rows, strict=True)}

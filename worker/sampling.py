@@ -15,6 +15,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from models.families.base import Conditioning, LoadedModel, RowCondition
 from worker.clean import predicted_clean
 from worker.stages import CONDITIONS, DECODE, SAMPLING, StageTimer, untimed
+from worker.step_cache import RowCaches, StepCache, planned, step_cache
 
 # predict(x, t, cond) -> prediction on the latent channels; x (B, C, *S), t (B,) -> (B, C, *S)
 PredictFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
@@ -118,6 +119,8 @@ def sample(
     num_inference_steps: int,
     on_step: StepCallback | None = None,
     on_clean: CleanCallback | None = None,
+    cache: StepCache | None = None,
+    caches: RowCaches | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the whole denoising loop for a batch.
 
@@ -131,6 +134,8 @@ def sample(
         num_inference_steps: denoising steps.
         on_step: called after every step; returns which live rows go on (canceled rows leave).
         on_clean: called after every step with a way to get the predicted clean latents.
+        cache: the model's step cache, and `caches` the rows' (by input index): rows with a policy may
+            reuse their block residuals (worker/step_cache.py).
 
     Returns:
         (M, C, *S) denoised latents of the rows that finished, and (M,) their indices into the input.
@@ -144,7 +149,8 @@ def sample(
     for step, t in enumerate(timesteps):
         x = scheduler.scale_model_input(latents, t)  # (M, C, *S)
         t_rows = t.reshape(1).expand(x.shape[0]).to(x.device)  # (M,)
-        pred = cfg_denoise(predict, x, t_rows, cond, uncond, guidance_scale, guided)
+        with planned(cache, caches, rows.tolist(), guided, [step] * len(rows), len(timesteps)):
+            pred = cfg_denoise(predict, x, t_rows, cond, uncond, guidance_scale, guided)
         out = scheduler.step(pred, t, latents)
         if on_clean is not None:
             on_clean(step + 1, rows, partial(_clean, scheduler, out, latents, pred, t, step))
@@ -182,10 +188,12 @@ def generate(
     on_step: StepCallback | None = None,
     timer: StageTimer = untimed,
     on_clean: CleanCallback | None = None,
+    caches: RowCaches | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise, conditions, the guided loop and decoding for one batch of rows of one model.
 
-    `timer` wraps each stage (conditions, sampling, decode), for the worker's metrics.
+    `timer` wraps each stage (conditions, sampling, decode), for the worker's metrics. `caches` holds
+    the rows' step-caching policies (RowCaches.of), and after the call what they skipped.
 
     Returns:
         (M, H, W, 3) or (M, F, H, W, 3) uint8 pixels of the rows that finished, and (M,) their indices.
@@ -206,6 +214,8 @@ def generate(
             num_inference_steps,
             on_step,
             on_clean,
+            step_cache(model) if caches else None,
+            caches,
         )
     if rows.numel() == 0:
         return torch.empty(0, dtype=torch.uint8), rows

@@ -23,6 +23,7 @@ from worker.metrics import WorkerMetrics
 from worker.previews import previews_due
 from worker.sampling import generate
 from worker.stages import SAMPLING
+from worker.step_cache import RowCaches
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ class StaticBatching:
             on_step=on_step,
             timer=self.metrics.timer(model.name, model.kind, spent),
             on_clean=on_clean,
+            caches=RowCaches.of([row.cache for row in batch.rows]),
         )
         self.metrics.stepped(model.name, model.kind, rows_per_step, spent[SAMPLING])
         pixels: dict[str, list[np.ndarray]] = defaultdict(list)

@@ -53,7 +53,7 @@ def submit(
     if key is not None and key.rate_per_min is not None:
         _within_rate(redis, key.name, key.rate_per_min)
     spec = choose_model(body.model, kind, served_models(redis), settings.default_model)
-    job = normalise(body, kind, spec)
+    job = normalise(body, kind, spec, settings.cache_defaults)
     job = job.model_copy(update={"priority": job.priority.capped(caller.priority_cap)})
     if job.webhook_url is not None:
         secret = signing_secret(redis, settings, caller.name)

@@ -14,7 +14,12 @@ from typing import Any
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from dit_serve.caching import CachePolicy, CachePolicyName
 from dit_serve.contract import ConditioningKind, JobKind, ModelDefaults, ModelSpec
+
+# A model directory's measured step-caching default (what a request's cache: "auto" runs), written by
+# `dit-serve eval --cache --write-auto` when a policy passes the quality guardrail (docs/models.md).
+CACHE_AUTO_FILE = "cache_policy.json"
 
 # Model inputs besides the latents and timesteps, one row per output: every value is (N, ...).
 Conditioning = dict[str, torch.Tensor]
@@ -80,8 +85,23 @@ class LoadedModel(ABC):
             sizes=sizes,
             default_size=sizes[0],
             defaults=defaults,
+            cache_policies=self.cache_policies(),
+            cache_auto=self.cache_auto(),
             **more,
         )
+
+    def cache_policies(self) -> list[str]:
+        """The step-caching policies this model can run: all of them when it has a block stack."""
+        if self.cache_blocks() is None:
+            return []
+        return [name.value for name in CachePolicyName if name is not CachePolicyName.NONE]
+
+    def cache_auto(self) -> CachePolicy | None:
+        """The policy measured for this model (its directory's cache_policy.json), if any."""
+        path = self.path / CACHE_AUTO_FILE
+        if not path.is_file() or not self.cache_policies():
+            return None
+        return CachePolicy.model_validate_json(path.read_text())
 
     @abstractmethod
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
@@ -94,6 +114,22 @@ class LoadedModel(ABC):
     @abstractmethod
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The transformer's prediction on the latent channels: x (B, C, *S), t (B,) -> (B, C, *S) fp32."""
+
+    def cache_blocks(self) -> tuple[list[torch.nn.Module], torch.nn.Module] | None:
+        """For step caching: the transformer's blocks in call order, and the module whose output is the
+        block stack's result (the last block, or a marker after it); None when it has no such stack.
+
+        A transformer with a `block_stack()` method names them itself (models/space_time_dit.py); diffusers'
+        DiT, PixArt and Wan run `transformer_blocks` or `blocks` in order, the last one's output the result.
+        """
+        transformer = getattr(self.transformer, "_orig_mod", self.transformer)  # under torch.compile
+        if hasattr(transformer, "block_stack"):
+            blocks, exit = transformer.block_stack()
+            return list(blocks), exit
+        stack = getattr(transformer, "transformer_blocks", None) or getattr(transformer, "blocks", None)
+        if stack is None or len(stack) < 2:
+            return None
+        return list(stack), stack[-1]
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
