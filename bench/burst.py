@@ -9,8 +9,9 @@ an embedded Redis), `--rounds` bursts each. The `ideal` run (bench/service.py) s
 requests in raw DiTPipeline batches of the burst's size, in this process, first.
 
 Reported per mode and policy: images/s over all rounds, its ratio to ideal, and per burst the worker's
-runs (sampling loops: a continuous run counts once however many jobs join it), takes (each take of jobs
-from the queue: the first of a batch, each fill or join), and the spread of the jobs' arrivals.
+runs (sampling loops: a continuous run counts once however many jobs join it), takes (distinct
+executions: static, one per batch; continuous, the first take and each join), and the spread of the
+jobs' arrivals at the API.
 """
 
 import argparse
@@ -50,7 +51,7 @@ ROUND_PAUSE_S = 0.5  # between bursts, so one burst's stragglers never meet the 
 class BurstRound:
     seconds: float  # from the posts' start to the last PNG downloaded
     runs: int  # the worker's sampling loops that ran the burst's jobs
-    takes: int  # distinct executions: takes of jobs from the queue
+    takes: int  # distinct executions (static: one per batch; continuous: the first take and each join)
     arrivals_s: list[float]  # each job's acceptance by the API, from the burst's start, sorted
     starts_s: list[float]  # each job's take by the worker, from the burst's start, sorted
 
