@@ -19,7 +19,7 @@ ENV_PREFIX = "DIT_"
 DEFAULT_JOB_TIMEOUT_S = 600.0
 # 16 rows of the bundled image model (32x32, guidance 4 > 1, so 2 forward rows each): today's batches.
 DEFAULT_MAX_BATCH_COST = 16 * 32 * 32 * 2
-# A burst of posts reaches the queue at gaps of up to ~100 ms on 2 busy CPU cores (docs/benchmarks.md,
+# A burst of posts reaches the queue at gaps of up to 81 ms on 2 busy CPU cores (docs/benchmarks.md,
 # "Bursts"); a batch waits at most half a second for one to arrive.
 DEFAULT_BATCH_GAP_MS = 100
 DEFAULT_MAX_FILL_MS = 500

@@ -1,7 +1,7 @@
 """How long static batching keeps a batch open for more jobs: a window that stays open while jobs arrive.
 
 Measured on 2 CPU cores (docs/benchmarks.md, "Bursts"): 16 requests posted at once reach the queue
-over 0.1-0.3 s, at gaps of up to about 100 ms, since the API and the clients share the cores. A fixed
+over 0.1-0.3 s, at gaps of up to 81 ms, since the API and the clients share the cores. A fixed
 window after the first job (DIT_MAX_WAIT_MS, 20 ms) closes long before such a burst is in, and the
 burst runs as two or more batches. So the window closes at the latest of
 
