@@ -1,4 +1,5 @@
-"""The `dit-serve` command: up (everything in one command), api, worker, keys, generate, train, eval."""
+"""The `dit-serve` command: up (everything in one command), api, worker, keys, generate, soak, bench, train,
+eval."""
 
 import argparse
 import json
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import SecretStr
 
+from cli.bench import add_bench_parser, run_bench
 from cli.generate import add_generate_parser, run_generate
 from cli.keys import add_keys_parser, run_keys
 from cli.soak import add_soak_parser, run_soak_command
@@ -51,9 +53,26 @@ COMMON_FLAGS = [
     ),
     ("--max-batch", "max_batch", "most outputs sampled in one batch (DIT_MAX_BATCH, default 16)"),
     (
+        "--max-batch-cost",
+        "max_batch_cost",
+        "most cost units in one batch, a row costing pixels x frames x 2 with CFG (DIT_MAX_BATCH_COST, "
+        "default 32768: 16 rows of a 32x32 image with CFG); a larger job still runs, alone",
+    ),
+    (
         "--max-wait-ms",
         "max_wait_ms",
-        "wait for more jobs after the first of a batch (DIT_MAX_WAIT_MS, default 20)",
+        "static batching: how long a lone first job waits for more (DIT_MAX_WAIT_MS, default 20)",
+    ),
+    (
+        "--batch-gap-ms",
+        "batch_gap_ms",
+        "static batching: each job that joins keeps the batch open this long more (DIT_BATCH_GAP_MS, "
+        "default 100; 0: a fixed --max-wait-ms window)",
+    ),
+    (
+        "--max-fill-ms",
+        "max_fill_ms",
+        "static batching: the longest a batch stays open after its first job (DIT_MAX_FILL_MS, default 500)",
     ),
     (
         "--batching",
@@ -114,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_parser(commands)
     add_generate_parser(commands)
     add_soak_parser(commands)
+    add_bench_parser(commands)
     train = commands.add_parser(
         "train", help="retrain a bundled model from its fixed-seed recipe (CPU: minutes)"
     )
@@ -316,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(run_generate(args))
     if args.command == "keys":
         run_keys(args, args.redis_url or get_settings().redis_url)
+        return
+    if args.command == "bench":
+        run_bench(args.scenario, args.args)
         return
     if args.command == "soak":
         _setup_logging("info")

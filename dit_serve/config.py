@@ -18,6 +18,12 @@ ENV_PREFIX = "DIT_"
 # How long the reference job (one 512x512 image of 50 steps, worker/watchdog.py) may sample before its
 # worker counts as hung; a batch's ceiling scales with its cost. Generous: it catches hangs, not slowness.
 DEFAULT_JOB_TIMEOUT_S = 600.0
+# 16 rows of the bundled image model (32x32, guidance 4 > 1, so 2 forward rows each): today's batches.
+DEFAULT_MAX_BATCH_COST = 16 * 32 * 32 * 2
+# A burst of posts reaches the queue at gaps of up to 81 ms on 2 busy CPU cores (docs/benchmarks.md,
+# "Bursts"); a batch waits at most half a second for one to arrive.
+DEFAULT_BATCH_GAP_MS = 100
+DEFAULT_MAX_FILL_MS = 500
 
 
 class Device(StrEnum):
@@ -98,7 +104,14 @@ class Settings(BaseSettings):
     dtype: Dtype = Dtype.FP32  # weights and sampling dtype for every model of a worker
     compile: CompileMode = CompileMode.NONE
     max_batch: int = Field(16, ge=1, le=1024)
+    # Cost units of one batch: the sum over its rows of pixels x frames x (2 with CFG, else 1)
+    # (worker/batching.py). The default is 16 rows of the bundled 32x32 image model with CFG.
+    max_batch_cost: int = Field(DEFAULT_MAX_BATCH_COST, ge=1)
+    # Static batching's fill window (worker/fill_window.py): a lone job waits max_wait_ms for partners;
+    # each job that joins keeps the window open batch_gap_ms more, up to max_fill_ms after the first.
     max_wait_ms: int = Field(20, ge=0, le=60_000)
+    batch_gap_ms: int = Field(DEFAULT_BATCH_GAP_MS, ge=0, le=60_000)
+    max_fill_ms: int = Field(DEFAULT_MAX_FILL_MS, ge=0, le=60_000)
     batching: Batching = Batching.STATIC
     worker_name: str | None = None
     # A worker serves its Prometheus metrics on metrics_host:metrics_port (0: not at all); the API's

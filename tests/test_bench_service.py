@@ -74,3 +74,22 @@ def test_overload_benchmark_reports_each_phase(model_dirs: dict[str, Path], tmp_
     assert refused > 0 and protected["a_answers"]["202"] + refused == protected["a_sent"]
     assert protected["max_queue_depth"] <= 12
     assert "| protected |" in done.stdout
+
+
+def test_burst_scenario_reports_each_mode_against_ideal(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """`dit-serve bench burst`, tiny: 3 requests at once, 2 steps, one round, static under today's policy."""
+    out = tmp_path / "burst.json"
+    command = [sys.executable, "-m", "cli", "bench", "burst", "--model-dir", str(model_dirs["img"])]
+    command += ["--burst", "3", "--rounds", "1", "--steps", "2", "--modes", "static", "--policies", "after"]
+    done = subprocess.run(command + ["--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["ideal"]["scenario"] == "ideal" and record["ideal"]["parameter"] == 3
+    [result] = record["results"]
+    shape = (result["batching"], result["policy"], result["burst"], result["rounds"])
+    assert shape == ("static", "after", 3, 1)
+    assert result["images_per_second"] > 0 and result["ratio_to_ideal"] > 0
+    [burst] = result["detail"]
+    assert len(burst["arrivals_s"]) == len(burst["starts_s"]) == 3
+    assert 1 <= result["runs"][0] <= result["takes"][0] <= 3
+    assert "| static | after |" in done.stdout

@@ -10,19 +10,21 @@ import pytest
 import torch
 from redis import Redis
 
+from dit_serve.config import DEFAULT_MAX_BATCH_COST
 from dit_serve.contract import JobKind, JobRequest, OutputFormat
 from dit_serve.jobs import SAMPLING_FAILED_ERROR, JobRecord, queue_name, record_key, rq_job_key
 from dit_serve.queueing import enqueue_job
 from dit_serve.storage import LocalStorage
 from models.loading import LoadedModel, load_model
 from tests.poison_models import Action, build_poison_model, register
-from worker.batching import JobTicket
+from worker.batching import JobTicket, Room
 from worker.continuous_batching import ContinuousBatching
 from worker.isolation import halves, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
 from worker.metrics import WorkerMetrics
 from worker.queue import JobQueue
 from worker.static_batching import StaticBatching
+from worker.strategy import BatchLimits
 from worker.watchdog import REFERENCE_COST, ceiling_s
 
 POISON_LABEL = 3
@@ -69,8 +71,9 @@ class Harness:
         self.ledger = JobLedger(
             JobQueue(redis, [self.queue], "w", 30, TTL_S), LocalStorage(storage_root), metrics
         )
-        self.static = StaticBatching(self.ledger, max_batch=16, max_wait_ms=0, worker_name="w")
-        self.continuous = ContinuousBatching(self.ledger, 16, "w", lambda _queue: False, self.static)
+        limits = BatchLimits(max_batch=16, max_cost=DEFAULT_MAX_BATCH_COST)
+        self.static = StaticBatching(self.ledger, limits, worker_name="w")
+        self.continuous = ContinuousBatching(self.ledger, limits, "w", lambda _queue: False, self.static)
 
     def enqueue(self, labels: list[int]) -> list[str]:
         ids = [f"job{i}-label{label}" for i, label in enumerate(labels)]
@@ -80,7 +83,7 @@ class Harness:
         return ids
 
     def take(self) -> list[JobTicket]:
-        return self.ledger.take(self.queue, 16, "e")
+        return self.ledger.take(self.queue, Room(16, DEFAULT_MAX_BATCH_COST), "e")
 
     def status(self, job_id: str) -> str:
         return self.redis.hget(rq_job_key(job_id), "status").decode()  # type: ignore[union-attr]

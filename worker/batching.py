@@ -1,4 +1,12 @@
-"""The batch contract: which jobs and output rows share one denoising loop."""
+"""The batch contract: which jobs and output rows share one denoising loop, and what they cost.
+
+A batch is bounded in rows (DIT_MAX_BATCH) and in cost units (DIT_MAX_BATCH_COST). A row's cost is
+what one output puts through the transformer at each step: pixels x frames x forward rows (2 with
+classifier-free guidance, whose unconditional row shares the forward pass; 1 without). One 81-frame
+480x832 Wan row with CFG costs 64.7 M units, as much as 31,590 rows of a 32x32 image with CFG (2,048
+each): a cost limit sizes both batches right where a row limit cannot. The take script in
+worker/queue.py computes the same cost in Lua.
+"""
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -6,6 +14,35 @@ from dataclasses import dataclass, field
 from dit_serve.caching import CachePolicy
 from dit_serve.contract import JobKind, JobRequest
 from models.families.base import RowCondition
+from worker.sampling import NO_GUIDANCE_AT_OR_BELOW
+
+GUIDED_FORWARD_ROWS = 2  # a CFG row adds its unconditional row to the forward pass
+
+
+def row_cost(request: JobRequest) -> int:
+    """Cost units of one output row of this request: pixels x frames x forward rows."""
+    forward_rows = GUIDED_FORWARD_ROWS if request.guidance_scale > NO_GUIDANCE_AT_OR_BELOW else 1
+    return request.width * request.height * request.num_frames * forward_rows
+
+
+@dataclass(frozen=True)
+class Room:
+    """How much more a batch may take: output rows and cost units."""
+
+    rows: int
+    cost: int
+
+    def after(self, tickets: Iterable["JobTicket"]) -> "Room":
+        """The room left once these jobs are in."""
+        tickets = list(tickets)
+        return Room(
+            self.rows - sum(ticket.num_outputs for ticket in tickets),
+            self.cost - sum(ticket.cost for ticket in tickets),
+        )
+
+    @property
+    def full(self) -> bool:
+        return self.rows <= 0 or self.cost <= 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +77,11 @@ class JobTicket(JobHandle):
     @property
     def num_outputs(self) -> int:
         return self.request.n
+
+    @property
+    def cost(self) -> int:
+        """Cost units of all its rows (see row_cost)."""
+        return self.request.n * row_cost(self.request)
 
     def rows(self) -> list["SampleRow"]:
         """Output k uses seed + k, and class_labels[k] (class models) or the prompts (text models)."""

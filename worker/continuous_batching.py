@@ -26,7 +26,7 @@ from worker.previews import previews_due
 from worker.queue import new_execution_id
 from worker.stages import DECODE
 from worker.static_batching import StaticBatching
-from worker.strategy import YieldTurn
+from worker.strategy import BatchLimits, YieldTurn
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ class ContinuousBatching:
     def __init__(
         self,
         ledger: JobLedger,
-        max_batch: int,
+        limits: BatchLimits,
         worker_name: str,
         yield_turn: YieldTurn,
         apart: StaticBatching,
     ):
         """`apart`: the static batching that tries the jobs of a failed run again in smaller batches."""
         self.ledger = ledger
-        self.max_batch = max_batch
+        self.limits = limits
         self.worker_name = worker_name
         self.yield_turn = yield_turn
         self.apart = apart
@@ -192,11 +192,12 @@ class ContinuousRun:
 
     def _join(self) -> None:
         assert self.batch is not None
-        free = self.strategy.max_batch - len(self.batch)
         alone = any(ticket.solo for ticket in self.jobs.values())
-        if free <= 0 or alone or self.draining or self.strategy.yield_turn(self.queue_name):
+        # Every held job's rows are in the batch until it is stored, so the room is the limits less them.
+        room = self.strategy.limits.room.after(self.jobs.values())
+        if room.full or alone or self.draining or self.strategy.yield_turn(self.queue_name):
             return
-        tickets = self.ledger.take(self.queue_name, free, new_execution_id(), self.compat, joining=True)
+        tickets = self.ledger.take(self.queue_name, room, new_execution_id(), self.compat, joining=True)
         self.draining = self.ledger.solo_waiting(self.queue_name)
         if tickets:
             self._admit(tickets)

@@ -23,7 +23,7 @@ from dit_serve.events import PreviewEvent, ProgressEvent
 from dit_serve.jobs import STORAGE_FAILED_ERROR, JobError
 from dit_serve.reaping import HeldRole
 from dit_serve.storage import Storage
-from worker.batching import JobTicket
+from worker.batching import JobTicket, Room
 from worker.metrics import WorkerMetrics
 from worker.outputs import store_outputs
 from worker.previews import Previewer
@@ -59,11 +59,12 @@ class JobLedger:
 
     # -- holding -------------------------------------------------------------------------------------
     def take(
-        self, queue: str, max_samples: int, execution: str, compat: str = "", joining: bool = False
+        self, queue: str, room: Room, execution: str, compat: str = "", joining: bool = False
     ) -> list[JobTicket]:
-        """Take compatible queued jobs and hold them (heartbeated until released); `joining`: into a
-        batch that has jobs already (solo jobs are left queued)."""
-        tickets = self.queue.take(queue, max_samples, execution, compat, joining)
+        """Take compatible queued jobs that fit in `room` and hold them (heartbeated until released);
+        `joining`: into a batch that has jobs already (solo jobs are left queued, and every job must
+        fit; else the first may exceed the room and run alone)."""
+        tickets = self.queue.take(queue, room.rows, execution, compat, joining, room.cost)
         self.metrics.taken(tickets)
         with self._lock:
             self._held.update((ticket.job_id, ticket) for ticket in tickets)

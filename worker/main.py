@@ -114,6 +114,9 @@ def run_worker(settings: Settings) -> None:
         priority_aging_s=settings.priority_aging_s,
         continuous=settings.batching is Batching.CONTINUOUS,
         job_timeout_s=settings.job_timeout_s,
+        max_batch_cost=settings.max_batch_cost,
+        batch_gap_ms=settings.batch_gap_ms,
+        max_fill_ms=settings.max_fill_ms,
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
     worker = Worker(config, redis, models, storage, metrics)

@@ -39,7 +39,8 @@ from dit_serve.queueing import fail_expired_jobs, wake_workers
 from dit_serve.reaping import HeldRole, give_up
 from dit_serve.retention import RETENTION_KEY, record_ttl_s
 from dit_serve.scheduling import DEFAULT_AGING_S, FAIR_TAG_LUA, UNSCHEDULE_LUA, scheduler_keys
-from worker.batching import JobHandle, JobTicket
+from worker.batching import GUIDED_FORWARD_ROWS, JobHandle, JobTicket
+from worker.sampling import NO_GUIDANCE_AT_OR_BELOW
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,10 @@ LOOKAHEAD = 256  # queued jobs looked at per priority class and take
 # ARGV: max samples, lookahead, compat ('' = any), RQ now, heartbeat deadline, worker name,
 #       execution id, unix now, rq job key prefix, record key prefix, ttl seconds, newest job schema
 #       this worker reads, '1' when the jobs join a batch that already has jobs, the records' TTL once
-#       ended (dit_serve/retention.py). Returns {taken ids, ids left queued because their schema is
+#       ended (dit_serve/retention.py), the most cost units ('' = no bound; worker/batching.py's
+#       row_cost, computed here from the stored request). Jobs are taken while they fit in both max
+#       samples and max cost; only the first job of a new batch may exceed them (it then runs alone).
+#       Returns {taken ids, ids left queued because their schema is
 #       newer, ids left queued because their deadline has passed (never started: the reaper fails
 #       them), 1 when a compatible solo job was left for a batch of its own}. A solo job is taken only
 #       as the first job of a new batch, and then nothing joins it. Each taken job's batch size (for
@@ -67,12 +71,26 @@ local compat = ARGV[3]
 local max_schema = tonumber(ARGV[12])
 local now = tonumber(ARGV[8])
 local joining = ARGV[13] == '1'
+local max_cost = tonumber(ARGV[15]) or math.huge
+local guided_rows = tonumber(ARGV[16])
+local no_guidance_at_or_below = tonumber(ARGV[17])
 local total = 0
+local total_cost = 0
 local taken = {}
 local too_new = {}
 local expired = {}
 local alone = false  -- a solo job was taken: nothing else may join it
 local solo_left = 0
+
+-- worker/batching.py's row_cost, times the job's rows: pixels x frames x forward rows (2 with CFG).
+-- An unreadable request costs nothing here: it is taken, and the worker fails it `invalid_job`.
+local function job_cost(rec_key, samples)
+  local ok, request = pcall(cjson.decode, redis.call('HGET', rec_key, 'request') or '')
+  if not ok or type(request) ~= 'table' then return 0 end
+  local forward = (tonumber(request.guidance_scale) or 0) > no_guidance_at_or_below and guided_rows or 1
+  local pixels = (tonumber(request.width) or 0) * (tonumber(request.height) or 0)
+  return samples * pixels * (tonumber(request.num_frames) or 1) * forward
+end
 
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, lookahead)) do
   redis.call('ZREM', KEYS[8], id)
@@ -83,7 +101,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0
 end
 
 for class = 1, 3 do
-  if total >= max_samples or alone then break end
+  if total >= max_samples or total_cost >= max_cost or alone then break end
   local entries = redis.call('ZRANGE', KEYS[3 + class], 0, lookahead - 1, 'WITHSCORES')
   for i = 1, #entries, 2 do
     local id, tag = entries[i], tonumber(entries[i + 1])
@@ -116,24 +134,29 @@ for class = 1, 3 do
       elseif rec[1] and samples and (compat == '' or rec[1] == compat) and rec[6] == '1'
           and (joining or total > 0) then
         solo_left = 1  -- it waits for a batch of its own
-      elseif rec[1] and samples and (compat == '' or rec[1] == compat)
-          and (total == 0 or total + samples <= max_samples) then
-        compat = rec[1]
-        alone = rec[6] == '1'
-        unschedule(3, id)
-        redis.call('LREM', KEYS[1], 0, id)
-        if tag > tonumber(redis.call('HGET', KEYS[7], 'vt:' .. class) or '0') then
-          redis.call('HSET', KEYS[7], 'vt:' .. class, tag)
+      elseif rec[1] and samples and (compat == '' or rec[1] == compat) then
+        local cost = job_cost(rec_key, samples)
+        -- It must fit in both bounds, but the first job of a new batch, which then runs alone.
+        if (total == 0 and not joining)
+            or (total + samples <= max_samples and total_cost + cost <= max_cost) then
+          compat = rec[1]
+          alone = rec[6] == '1'
+          unschedule(3, id)
+          redis.call('LREM', KEYS[1], 0, id)
+          if tag > tonumber(redis.call('HGET', KEYS[7], 'vt:' .. class) or '0') then
+            redis.call('HSET', KEYS[7], 'vt:' .. class, tag)
+          end
+          redis.call('HSET', job_key, 'status', 'started', 'started_at', ARGV[4], 'worker_name', ARGV[6],
+            'last_heartbeat', ARGV[4])
+          redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[7])
+          redis.call('HSET', rec_key, 'started_at', ARGV[8], 'execution', ARGV[7], 'worker', ARGV[6],
+            'progress', 0)
+          redis.call('HINCRBY', rec_key, 'attempts', 1)
+          taken[#taken + 1] = id
+          total = total + samples
+          total_cost = total_cost + cost
+          if total >= max_samples or total_cost >= max_cost or alone then break end
         end
-        redis.call('HSET', job_key, 'status', 'started', 'started_at', ARGV[4], 'worker_name', ARGV[6],
-          'last_heartbeat', ARGV[4])
-        redis.call('ZADD', KEYS[2], ARGV[5], id .. ':' .. ARGV[7])
-        redis.call('HSET', rec_key, 'started_at', ARGV[8], 'execution', ARGV[7], 'worker', ARGV[6],
-          'progress', 0)
-        redis.call('HINCRBY', rec_key, 'attempts', 1)
-        taken[#taken + 1] = id
-        total = total + samples
-        if total >= max_samples or alone then break end
       end
     end
   end
@@ -209,10 +232,17 @@ class JobQueue:
         return StartedJobRegistry(queue, connection=self.redis)
 
     def take(
-        self, queue: str, max_samples: int, execution: str, compat: str = "", joining: bool = False
+        self,
+        queue: str,
+        max_samples: int,
+        execution: str,
+        compat: str = "",
+        joining: bool = False,
+        max_cost: int | None = None,
     ) -> list[JobTicket]:
-        """Atomically take compatible queued jobs (up to max_samples outputs) in the scheduler's order:
-        priority class first, then each key's fair-share turn (dit_serve/scheduling.py).
+        """Atomically take compatible queued jobs (up to max_samples outputs and max_cost cost units,
+        worker/batching.py) in the scheduler's order: priority class first, then each key's fair-share
+        turn (dit_serve/scheduling.py). The first job of a new batch is taken even if it exceeds both.
 
         With `joining` (the jobs join a batch that has jobs already), solo jobs are left queued, and
         `solo_waiting(queue)` says whether one was. Without it, a solo job is taken only first, alone.
@@ -243,6 +273,9 @@ class JobQueue:
                 SCHEMA_VERSION,
                 "1" if joining else "0",
                 record_ttl_s(self.ttl_s),
+                "" if max_cost is None else max_cost,
+                GUIDED_FORWARD_ROWS,
+                NO_GUIDANCE_AT_OR_BELOW,
             ],
         )
         if joining:

@@ -18,7 +18,12 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 
 from dit_serve.catalog import publish_worker, retire_worker
-from dit_serve.config import DEFAULT_JOB_TIMEOUT_S
+from dit_serve.config import (
+    DEFAULT_BATCH_GAP_MS,
+    DEFAULT_JOB_TIMEOUT_S,
+    DEFAULT_MAX_BATCH_COST,
+    DEFAULT_MAX_FILL_MS,
+)
 from dit_serve.jobs import queue_name
 from dit_serve.queueing import reap_lost_jobs
 from dit_serve.scheduling import DEFAULT_AGING_S
@@ -31,7 +36,7 @@ from worker.ledger import REDIS_RETRY_S, JobLedger
 from worker.metrics import WorkerMetrics
 from worker.queue import JobQueue, new_execution_id
 from worker.static_batching import StaticBatching
-from worker.strategy import BatchStrategy
+from worker.strategy import BatchLimits, BatchStrategy
 from worker.watchdog import Attempt
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,15 @@ class WorkerConfig:
     priority_aging_s: float = DEFAULT_AGING_S  # for low jobs the reaper puts back in the queue
     continuous: bool = False  # step-level continuous batching where the model's scheduler allows
     job_timeout_s: float = DEFAULT_JOB_TIMEOUT_S  # the reference job's ceiling (worker/watchdog.py)
+    max_batch_cost: int = DEFAULT_MAX_BATCH_COST  # cost units of one batch (worker/batching.py)
+    batch_gap_ms: int = DEFAULT_BATCH_GAP_MS  # the fill window (worker/fill_window.py)
+    max_fill_ms: int = DEFAULT_MAX_FILL_MS
+
+    @property
+    def limits(self) -> BatchLimits:
+        return BatchLimits(
+            self.max_batch, self.max_batch_cost, self.max_wait_ms, self.batch_gap_ms, self.max_fill_ms
+        )
 
 
 class Worker:
@@ -80,9 +94,9 @@ class Worker:
             config.priority_aging_s,
         )
         self.ledger = JobLedger(self.queue, storage, metrics, config.job_timeout_s)
-        self.static = StaticBatching(self.ledger, config.max_batch, config.max_wait_ms, config.name)
+        self.static = StaticBatching(self.ledger, config.limits, config.name)
         self.continuous = ContinuousBatching(
-            self.ledger, config.max_batch, config.name, self.yield_turn, self.static
+            self.ledger, config.limits, config.name, self.yield_turn, self.static
         )
         # Registered in RQ's worker registry only so that `rq info` and rq-dashboard list it;
         # RQ's own loop (one job at a time) never runs.
@@ -187,7 +201,7 @@ class Worker:
         names = list(self.models)
         for offset in range(len(names)):
             queue = names[(self._next_queue + offset) % len(names)]
-            tickets = self.ledger.take(queue, self.config.max_batch, execution)
+            tickets = self.ledger.take(queue, self.config.limits.room, execution)
             if tickets:
                 break
         else:

@@ -1,4 +1,4 @@
-"""Static batching: fill a batch with compatible jobs for a short window, then run it start to end.
+"""Static batching: fill a batch with compatible jobs while they arrive (a bounded window), then run it.
 
 A batch whose sampling raises is tried again in smaller batches (worker/isolation.py), so that only a
 job that fails alone ends `sampling_failed`. Continuous batching hands the jobs of a failed run here.
@@ -17,6 +17,7 @@ from dit_serve.events import PreviewEvent
 from dit_serve.jobs import SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
+from worker.fill_window import FillWindow
 from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
 from worker.metrics import WorkerMetrics
@@ -24,6 +25,7 @@ from worker.previews import previews_due
 from worker.sampling import generate
 from worker.stages import SAMPLING
 from worker.step_cache import RowCaches
+from worker.strategy import BatchLimits
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +35,10 @@ FILL_POLL_S = 0.002  # while filling a batch, how often to look for more compati
 class StaticBatching:
     """Compatible jobs share one denoising loop; jobs that arrive during it wait for the next."""
 
-    def __init__(self, ledger: JobLedger, max_batch: int, max_wait_ms: int, worker_name: str):
+    def __init__(self, ledger: JobLedger, limits: BatchLimits, worker_name: str):
         self.ledger = ledger
         self.metrics: WorkerMetrics = ledger.metrics
-        self.max_batch = max_batch
-        self.max_wait_ms = max_wait_ms
+        self.limits = limits
         self.worker_name = worker_name
 
     def run(self, queue: str, model: LoadedModel, tickets: list[JobTicket]) -> None:
@@ -50,16 +51,15 @@ class StaticBatching:
             self.ledger.release(batch.jobs)
 
     def _fill(self, queue: str, tickets: list[JobTicket]) -> list[JobTicket]:
-        """Up to max_batch compatible outputs, waiting at most max_wait_ms after the first job."""
+        """Compatible jobs up to the batch limits, while the fill window is open (worker/fill_window.py)."""
         tickets = list(tickets)
-        total = sum(ticket.num_outputs for ticket in tickets)
+        limits = self.limits
+        room = limits.room.after(tickets)
         execution = tickets[0].execution
-        deadline = time.monotonic() + self.max_wait_ms / 1000
-        while total < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
+        window = FillWindow(limits.max_wait_ms, limits.gap_ms, limits.max_fill_ms)
+        while not room.full and (remaining := window.remaining_s()) > 0:
             try:
-                more = self.ledger.take(
-                    queue, self.max_batch - total, execution, tickets[0].compat, joining=True
-                )
+                more = self.ledger.take(queue, room, execution, tickets[0].compat, joining=True)
             except RedisError as exc:
                 log.warning(
                     "redis failed while filling a batch (%s); running the %d taken", exc, len(tickets)
@@ -70,8 +70,9 @@ class StaticBatching:
                 # ticks (hz 10), so a 20 ms BLPOP waits about 100 ms.
                 time.sleep(min(FILL_POLL_S, remaining))
                 continue
+            window.arrived()
             tickets += more
-            total += sum(ticket.num_outputs for ticket in more)
+            room = room.after(more)
         return tickets
 
     def finish(self, model: LoadedModel, tickets: list[JobTicket]) -> None:

@@ -1,0 +1,33 @@
+"""`dit-serve bench SCENARIO [ARGS...]`: run one of the benchmarks in bench/ with its own flags.
+
+The benchmarks sit above the command line in the import layers (pyproject.toml: a benchmark starts
+`dit-serve` processes and drives them), so this module only names them, and imports the one asked for
+by name when it runs. A new scenario is one line in SCENARIOS.
+"""
+
+import argparse
+import importlib
+
+# scenario -> (module with a `main(argv)`, what it measures)
+SCENARIOS: dict[str, tuple[str, str]] = {
+    "service": ("bench.service", "the service over HTTP against naive and ideal DiTPipeline runs"),
+    "burst": ("bench.burst", "16 requests posted at once, static and continuous, before and after"),
+    "overload": ("bench.overload", "one key flooding the service, with and without admission control"),
+    "batching": ("bench.compare_batching", "static against continuous batching at Poisson loads"),
+}
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark; `dit-serve bench SCENARIO --help` for its flags",
+        description="\n".join(f"{name}: {what}" for name, (_, what) in SCENARIOS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("scenario", choices=list(SCENARIOS))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the scenario's own flags")
+
+
+def run_bench(scenario: str, argv: list[str]) -> None:
+    module_name, _ = SCENARIOS[scenario]
+    importlib.import_module(module_name).main(argv)
