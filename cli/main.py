@@ -161,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", default=None, help="also write the rows to this JSON file")
     evaluate.add_argument("--device", default="cpu", help="where to sample (the judge runs on the CPU)")
+    evaluate.add_argument(
+        "--cache",
+        action="store_true",
+        help="score every step-caching policy against cache none (the guardrail for a model's auto)",
+    )
+    evaluate.add_argument(
+        "--video-every",
+        type=int,
+        default=4,
+        help="--cache: one clip of every this many video labels (default 4: 24 of the bundled 96)",
+    )
+    evaluate.add_argument(
+        "--write-auto",
+        action="store_true",
+        help="--cache: write the passing policy that skips most to each model's cache_policy.json",
+    )
     return parser
 
 
@@ -194,6 +210,19 @@ def run_evaluation(args: argparse.Namespace) -> None:
     if args.kind in ("video", "both") and not (video_dir / "model_index.json").is_file():
         print(f"no video model at {video_dir} (`dit-serve train video` makes one); evaluating images only")
         args.kind = "image"
+    if args.cache:
+        from evaluation.cache import run_cache_eval
+
+        run_cache_eval(
+            image_dir if args.kind in ("image", "both") else None,
+            video_dir if args.kind in ("video", "both") else None,
+            args.per_label,
+            args.video_every,
+            Path(args.json) if args.json else None,
+            args.write_auto,
+            torch.device(args.device),
+        )
+        return
     run_eval(
         image_dir if args.kind in ("image", "both") else None,
         video_dir if args.kind in ("video", "both") else None,

@@ -50,26 +50,26 @@ class CachePolicy(BaseModel):
 
     policy: CachePolicyName = Field(description="first_block (adaptive) or interval (fixed schedule)")
     threshold: float | None = Field(
-        None,
+        default=None,
         gt=0,
         le=1,
         description=f"first_block: skip when the first block's residual changed less than this "
         f"(relative); higher skips more (default {DEFAULT_THRESHOLD})",
     )
     max_skip: int | None = Field(
-        None,
+        default=None,
         ge=1,
         le=MAX_INTERVAL,
         description=f"first_block: most steps skipped in a row ({DEFAULT_MAX_SKIP})",
     )
     interval: int | None = Field(
-        None,
+        default=None,
         ge=2,
         le=MAX_INTERVAL,
         description=f"interval: the blocks run every this many steps (default {DEFAULT_INTERVAL})",
     )
     warmup: float = Field(
-        DEFAULT_WARMUP, ge=0, le=1, description="the first fraction of the steps always runs the blocks"
+        default=DEFAULT_WARMUP, ge=0, le=1, description="the first fraction of the steps always runs the blocks"
     )
 
     @model_validator(mode="after")
