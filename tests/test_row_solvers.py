@@ -29,12 +29,16 @@ SCHEDULERS: dict[str, Callable[[], SchedulerMixin]] = {
     "dpm++-sigma-min-no-lower-order": lambda: DPMSolverMultistepScheduler(
         final_sigmas_type="sigma_min", lower_order_final=False
     ),
+    "dpm++-sample": lambda: DPMSolverMultistepScheduler(prediction_type="sample"),
     "dpm++-euler-at-final": lambda: DPMSolverMultistepScheduler(euler_at_final=True),
     "dpm++-first-order": lambda: DPMSolverMultistepScheduler(solver_order=1),
     "dpm++-flow": lambda: DPMSolverMultistepScheduler(**WAN),
     # Wan 2.1's: UniPC bh2 on flow-matching sigmas shifted by 3
     "unipc-wan": lambda: UniPCMultistepScheduler(**WAN),
     "unipc-default": UniPCMultistepScheduler,
+    "unipc-v-trailing": lambda: UniPCMultistepScheduler(
+        prediction_type="v_prediction", timestep_spacing="trailing"
+    ),
     "unipc-corrector-off-at-2": lambda: UniPCMultistepScheduler(disable_corrector=[2], **WAN),
     "unipc-no-lower-order-final": lambda: UniPCMultistepScheduler(lower_order_final=False, **WAN),
     "unipc-first-order": lambda: UniPCMultistepScheduler(solver_order=1, **WAN),
