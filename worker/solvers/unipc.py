@@ -132,6 +132,7 @@ def unipc_table(scheduler: UniPCMultistepScheduler, num_inference_steps: int) ->
     rows: list[tuple[torch.Tensor, ...]] = []
     for index, order in enumerate(orders):
         alpha, sigma = alpha_sigma(sigmas[index], flow)
+        # No corrector (a row's first step, or disabled): off, weighing nothing, r_k 1 so nothing divides by 0
         corrector: tuple[torch.Tensor, ...] = (zero, zero, zero, zero, one, zero, zero)
         if index > 0 and index - 1 not in disabled:
             # UniC at this step has the order of the previous step's predictor
