@@ -77,8 +77,9 @@ COMMON_FLAGS = [
     (
         "--batching",
         "batching",
-        "static, or continuous: jobs join a running batch at step boundaries, for models with a DDIM "
-        "scheduler (DIT_BATCHING, default static)",
+        "static, or continuous: jobs join a running batch at step boundaries, for models whose "
+        "scheduler is DDIM, DPM-Solver++ or UniPC (the DiTs, PixArt and Wan; others batch statically) "
+        "(DIT_BATCHING, default static)",
     ),
     (
         "--metrics-port",

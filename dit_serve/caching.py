@@ -69,7 +69,10 @@ class CachePolicy(BaseModel):
         description=f"interval: the blocks run every this many steps (default {DEFAULT_INTERVAL})",
     )
     warmup: float = Field(
-        default=DEFAULT_WARMUP, ge=0, le=1, description="the first fraction of the steps always runs the blocks"
+        default=DEFAULT_WARMUP,
+        ge=0,
+        le=1,
+        description="the first fraction of the steps always runs the blocks",
     )
 
     @model_validator(mode="after")

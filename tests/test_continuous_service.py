@@ -1,4 +1,5 @@
-"""Continuous batching in a real worker: a job joins a running batch mid-flight, unchanged by it.
+"""Continuous batching in a real worker: a job joins a running batch mid-flight, unchanged by it,
+with DDIM (the tiny DiT) and with a multistep solver (DPM-Solver++, the tiny PixArt-Σ).
 
 A job whose batch cannot be sampled fails with sampling_failed, and the worker serves on.
 """
@@ -28,6 +29,16 @@ JOINER = {"class_labels": [17], "num_inference_steps": 100, "seed": 7, "guidance
 # Seconds of denoising even on a fast machine (the image batch above takes well under one), so that a
 # test can see one job running beside another before it cancels either.
 SLOW_VIDEO = {"model": "slow", "prompt": "red circle moving left", "num_inference_steps": 100}
+# Long enough that the joiner is taken while the first job still denoises, short enough to be quick.
+PIXART_LONG = {"model": "pixart", "prompt": "a red fox under the sky", "n": 2, "num_inference_steps": 30}
+PIXART_JOINER = {
+    "model": "pixart",
+    "prompt": "a small bird",
+    "negative_prompt": "blurry",
+    "num_inference_steps": 30,
+    "seed": 9,
+    "guidance_scale": 6.0,
+}
 RUN_STARTED = "continuous batch started"  # the worker's log line when a run (not a joiner) begins
 DENOISED = 95  # a job's progress once its denoising is done (decode, encode and store remain)
 
@@ -41,7 +52,12 @@ def continuous_service(
 ) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("continuous")
     worker_metrics = str(free_port())
-    models = {"img": model_dirs["img"], "slow": model_dirs["slow"], "short": short_schedule_model}
+    models = {
+        "img": model_dirs["img"],
+        "slow": model_dirs["slow"],
+        "short": short_schedule_model,
+        "pixart": model_dirs["pixart-sigma"],
+    }
     with running_service(
         redis_url, tmp, models, DIT_BATCHING="continuous", DIT_METRICS_PORT=worker_metrics
     ) as svc:
@@ -87,6 +103,26 @@ def test_a_job_joins_a_running_batch_and_matches_its_solo_run(continuous_service
     assert moved("dit_images_generated_total", model="img") == rows
     assert moved("dit_storage_write_seconds_count", **img) == rows
     assert moved("dit_job_latency_seconds_count", **img) == moved("dit_queue_wait_seconds_count", **img) == 3
+
+
+def test_a_pixart_job_joins_a_running_dpm_solver_batch_and_matches_its_solo_run(
+    continuous_service: Service,
+) -> None:
+    runs_before = continuous_service.worker_log().count(RUN_STARTED)
+    with continuous_service.client() as client:
+        long_job = client.post("/v1/images", json=PIXART_LONG).json()
+        wait_for_status(client, long_job["id"], {"in_progress"}, timeout_s=30)
+        joiner = client.post("/v1/images", json=PIXART_JOINER).json()
+        joined = client.get(f"/v1/jobs/{joiner['id']}", params={"wait": 60}).json()
+        long_done = client.get(f"/v1/jobs/{long_job['id']}", params={"wait": 60}).json()
+        assert joined["status"] == long_done["status"] == "completed"
+        assert joined["started_at"] < long_done["completed_at"]
+        alone = client.post("/v1/images", json=PIXART_JOINER).json()
+        alone = client.get(f"/v1/jobs/{alone['id']}", params={"wait": 60}).json()
+    diff = np.abs(_png(continuous_service, joined) - _png(continuous_service, alone)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"joining a DPM-Solver++ batch mid-flight changed the output by {diff}/255"
+    # two continuous runs: the long job's, which the joiner joined, and the solo one's
+    assert continuous_service.worker_log().count(RUN_STARTED) == runs_before + 2
 
 
 def test_cancel_in_a_continuous_batch_leaves_the_job_that_joined_it(continuous_service: Service) -> None:

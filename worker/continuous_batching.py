@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class ContinuousBatching:
-    """Step-level batching for models whose scheduler has a per-row step (DDIM)."""
+    """Step-level batching for models whose scheduler has a per-row step (DDIM, DPM-Solver++, UniPC)."""
 
     def __init__(
         self,
