@@ -119,6 +119,31 @@ def test_a_cached_row_joining_a_continuous_batch_equals_its_solo_run(bundled_ima
     assert not batch.caches.rows  # rows that left took their cache state with them
 
 
+@torch.inference_mode()
+def test_a_cached_row_joining_a_multistep_continuous_batch_equals_its_solo_run(
+    model_dirs: dict[str, Path],
+) -> None:
+    """PixArt's DPM-Solver++ keeps each row's history; caching changes only the rows' predictions."""
+    model = load_model("pixart-alpha", model_dirs["pixart-alpha"], CPU)
+    steps = 8
+    batch = RunningBatch(model, steps, 32, 32)
+    first = batch.add([RowCondition(prompt="shape 0")], [5], [4.0], [INTERVAL])
+    for _ in range(3):
+        batch.step()
+    joined = batch.add([RowCondition(prompt="shape 1")], [6], [4.0], [None])
+    latents = {}
+    while len(batch):
+        batch.step()
+        if done := batch.finished():
+            latents.update(zip(done, batch.pop(done), strict=True))
+    pixels = model.decode(torch.stack([latents[row] for row in first + joined])).numpy().astype(int)
+    for index, (label, seed, policy) in enumerate([(0, 5, INTERVAL), (1, 6, None)]):
+        solo, caches = _sample(model, [label], [seed], [policy], steps, prompts=True)
+        assert np.abs(pixels[index] - solo[0]).max() <= MAX_PIXEL_DIFF, f"row {index} ({policy})"
+        if policy is not None:
+            assert caches.rows[0].skipped > 0
+
+
 @pytest.mark.slow  # builds and loads a text encoder per text family
 @pytest.mark.parametrize(("key", "frames"), [("vid", 5), ("pixart-alpha", 1), ("wan", 5)])
 def test_every_family_caches_rows_independently_of_their_batch(
