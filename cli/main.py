@@ -56,7 +56,7 @@ COMMON_FLAGS = [
         "--max-batch-cost",
         "max_batch_cost",
         "most cost units in one batch, a row costing pixels x frames x 2 with CFG (DIT_MAX_BATCH_COST, "
-        "default 32768: 16 rows of a 32x32 image with CFG); a larger job still runs, alone",
+        "default 8388608: 16 rows of a 512x512 image with CFG); a larger job still runs, alone",
     ),
     (
         "--max-wait-ms",
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--write-auto",
         action="store_true",
-        help="--cache: write the passing policy that skips most to each model's cache_policy.json",
+        help="--cache: write the passing policy that skips the most block compute to each model's "
+        "cache_policy.json",
     )
     return parser
 

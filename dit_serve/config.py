@@ -18,8 +18,10 @@ ENV_PREFIX = "DIT_"
 # How long the reference job (one 512x512 image of 50 steps, worker/watchdog.py) may sample before its
 # worker counts as hung; a batch's ceiling scales with its cost. Generous: it catches hangs, not slowness.
 DEFAULT_JOB_TIMEOUT_S = 600.0
-# 16 rows of the bundled image model (32x32, guidance 4 > 1, so 2 forward rows each): today's batches.
-DEFAULT_MAX_BATCH_COST = 16 * 32 * 32 * 2
+# 16 rows of DiT-XL/2 at 512x512 with CFG (2 forward rows each). Rows bind first for the bundled models
+# (their batches are as before: 16 images, or 16 videos of 16 frames at 32x32); PixArt-Σ at 1024x1024
+# with CFG gets 4 rows; an 81-frame 480x832 Wan video (64.7 M) runs alone.
+DEFAULT_MAX_BATCH_COST = 16 * 512 * 512 * 2
 # A burst of posts reaches the queue at gaps of up to 81 ms on 2 busy CPU cores (docs/benchmarks.md,
 # "Bursts"); a batch waits at most half a second for one to arrive.
 DEFAULT_BATCH_GAP_MS = 100

@@ -5,7 +5,7 @@ seeds as `cache: "none"`, and scored against it: the judge's label accuracy, Fr�
 renders (images), direction accuracy (videos), and each row's PSNR to its uncached output. A policy may
 be a model's `auto` only if label accuracy drops at most 1 point, the Fréchet distance rises at most 10%
 (images), and direction accuracy drops at most 2 points (videos). `--write-auto` writes the passing
-policy that skips the most steps to the model's directory (models/families/base.py: CACHE_AUTO_FILE).
+policy that skips the most block compute to the model's directory (models/families/base.py: CACHE_AUTO_FILE).
 """
 
 import json
@@ -35,12 +35,13 @@ MAX_FRECHET_RISE = 0.10  # 10%
 MAX_DIRECTION_DROP = 0.02  # 2 points
 PEAK = 255.0
 POLICIES = [
-    CachePolicy(policy=CachePolicyName.FIRST_BLOCK, threshold=0.05),
     CachePolicy(policy=CachePolicyName.FIRST_BLOCK, threshold=0.1),
     CachePolicy(policy=CachePolicyName.FIRST_BLOCK, threshold=0.2, max_skip=3),
-    CachePolicy(policy=CachePolicyName.INTERVAL, interval=2),
+    CachePolicy(policy=CachePolicyName.INTERVAL, interval=2, warmup=0.1, order=0),
     CachePolicy(policy=CachePolicyName.INTERVAL, interval=2, warmup=0.1),
     CachePolicy(policy=CachePolicyName.INTERVAL, interval=3),
+    CachePolicy(policy=CachePolicyName.INTERVAL, interval=3, warmup=0.1),
+    CachePolicy(policy=CachePolicyName.INTERVAL, interval=4, warmup=0.1),
 ]
 
 
@@ -50,6 +51,7 @@ class CacheRow:
     policy: str
     samples: int
     skipped: float  # skipped steps over all steps
+    compute_skipped: float  # block compute skipped: first_block always runs its first block
     label_accuracy: float
     frechet_distance: float | None
     direction_accuracy: float | None
@@ -92,11 +94,28 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 10 * np.log10(PEAK**2 / np.maximum(mse, 1e-12))
 
 
+def compute_skipped(model: ClassConditionalDiT, policy: CachePolicy | None, skipped: float) -> float:
+    """The share of block compute the skipped steps saved: first_block still runs the first block."""
+    stack = model.cache_blocks()
+    if policy is None or stack is None:
+        return 0.0
+    blocks = len(stack[0])
+    return skipped * ((blocks - 1) / blocks if policy.policy is CachePolicyName.FIRST_BLOCK else 1.0)
+
+
 def _row(
-    kind: str, policy: CachePolicy | None, pixels: np.ndarray, base: np.ndarray | None, **scores: object
+    kind: str,
+    model: ClassConditionalDiT,
+    policy: CachePolicy | None,
+    pixels: np.ndarray,
+    base: np.ndarray | None,
+    skipped: float,
+    **scores: object,
 ) -> CacheRow:
     close = psnr(pixels, base) if base is not None else None
     return CacheRow(
+        skipped=round(skipped, 3),
+        compute_skipped=round(compute_skipped(model, policy, skipped), 3),
         kind=kind,
         policy=policy.label() if policy else "none",
         samples=len(pixels),
@@ -120,10 +139,11 @@ def evaluate_images(
         rows.append(
             _row(
                 "image",
+                model,
                 policy,
                 pixels,
                 base,
-                skipped=round(skipped, 3),
+                skipped,
                 label_accuracy=float((classify(pixels, classifier) == expected).mean()),
                 frechet_distance=round(frechet_distance(embed(pixels, classifier), real), 4),
                 direction_accuracy=None,
@@ -150,10 +170,11 @@ def evaluate_videos(
         rows.append(
             _row(
                 "video",
+                model,
                 policy,
                 pixels,
                 base,
-                skipped=round(skipped, 3),
+                skipped,
                 label_accuracy=float((np.array([verdict[0] for verdict in verdicts]) == stills).mean()),
                 frechet_distance=None,
                 direction_accuracy=float(
@@ -180,19 +201,21 @@ def _judged(rows: list[CacheRow]) -> list[CacheRow]:
 
 
 def auto_policy(rows: list[CacheRow], policies: list[CachePolicy]) -> CachePolicy | None:
-    """The passing policy that skips the most steps; None when none passes."""
+    """The passing policy that skips the most block compute; None when none passes."""
     by_label = {policy.label(): policy for policy in policies}
     passing = [row for row in rows if row.passes]
-    return by_label[max(passing, key=lambda row: row.skipped).policy] if passing else None
+    return by_label[max(passing, key=lambda row: row.compute_skipped).policy] if passing else None
 
 
 def format_table(rows: list[CacheRow]) -> str:
-    header = ["kind", "policy", "samples", "skipped steps", "label accuracy", "Fréchet distance"]
+    header = ["kind", "policy", "samples", "skipped steps", "block compute skipped", "label accuracy"]
+    header += ["Fréchet distance"]
     header += ["direction accuracy", "PSNR to none (mean / min)", "sampling s", "guardrail"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
-            row.kind, f"`{row.policy}`", str(row.samples), f"{row.skipped:.0%}", f"{row.label_accuracy:.1%}",
+            row.kind, f"`{row.policy}`", str(row.samples), f"{row.skipped:.0%}", f"{row.compute_skipped:.0%}",
+            f"{row.label_accuracy:.1%}",
             "" if row.frechet_distance is None else f"{row.frechet_distance:.3f}",
             "" if row.direction_accuracy is None else f"{row.direction_accuracy:.1%}",
             "" if row.psnr_mean_db is None else f"{row.psnr_mean_db:.1f} / {row.psnr_min_db:.1f} dB",

@@ -37,8 +37,12 @@ def test_a_row_costs_pixels_times_frames_times_its_forward_rows() -> None:
     assert row_cost(video) == 64 * 48 * 9 * 2
 
 
-def test_the_default_limit_is_sixteen_rows_of_the_bundled_image_model_with_cfg() -> None:
-    assert DEFAULT_MAX_BATCH_COST == 16 * IMAGE_CFG_ROW
+def test_the_default_limit_leaves_the_bundled_models_bound_by_rows() -> None:
+    assert DEFAULT_MAX_BATCH_COST == 16 * 512 * 512 * 2  # DiT-XL/2 at 512x512, 16 rows with CFG
+    bundled_video = _request().model_copy(update={"kind": "video", "num_frames": 16, "output_format": "mp4"})
+    assert 16 * row_cost(bundled_video) <= DEFAULT_MAX_BATCH_COST
+    wan_480p = bundled_video.model_copy(update={"num_frames": 81, "width": 832, "height": 480})
+    assert row_cost(wan_480p) > DEFAULT_MAX_BATCH_COST  # runs alone
 
 
 def test_room_shrinks_by_rows_and_cost_and_is_full_when_either_runs_out() -> None:

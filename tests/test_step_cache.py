@@ -23,8 +23,10 @@ MAX_PIXEL_DIFF = 1  # out of 255: batching's own tolerance (tests/test_batching.
 STEPS = 16
 FIRST_BLOCK = CachePolicy(policy=CachePolicyName.FIRST_BLOCK)
 INTERVAL = CachePolicy(policy=CachePolicyName.INTERVAL, interval=3, warmup=0.25)
-# diffusers' FirstBlockCache has no warm-up and no limit on skips in a row
-LIKE_DIFFUSERS = CachePolicy(policy=CachePolicyName.FIRST_BLOCK, threshold=0.1, max_skip=10, warmup=0)
+# diffusers' FirstBlockCache has no warm-up, no limit on skips in a row, and reuses the last residual
+LIKE_DIFFUSERS = CachePolicy(
+    policy=CachePolicyName.FIRST_BLOCK, threshold=0.1, max_skip=10, warmup=0, order=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +171,7 @@ def test_policies_parse_resolve_and_refuse_what_they_do_not_take() -> None:
     )
     assert parse_policy("auto") == "auto" and parse_policy("none") == "none"
     assert CachePolicy(policy=CachePolicyName.INTERVAL).interval == 2  # knobs left out take defaults
-    assert parse_policy("interval").label() == "interval,interval=2,warmup=0.2"
+    assert parse_policy("interval").label() == "interval,interval=2,order=1,warmup=0.2"
     for bad in ("first_block,interval=2", "interval,threshold=0.1", "nothing", "first_block,threshold"):
         with pytest.raises((ValidationError, ValueError)):
             parse_policy(bad)
@@ -180,3 +182,15 @@ def test_policies_parse_resolve_and_refuse_what_they_do_not_take() -> None:
     assert resolve("none", measured, "auto") is None  # the request's choice wins
     assert resolve("auto", None, None) is None  # a model with no measured policy: auto is none
     assert resolve("first_block", None, None) == CachePolicy(policy=CachePolicyName.FIRST_BLOCK)
+
+
+def test_a_skipped_step_extrapolates_the_last_two_residuals_at_order_one() -> None:
+    caches = RowCaches()
+    key = (0, 0)
+    caches.remember(key, torch.tensor([1.0, 2.0]), 2)
+    assert torch.equal(caches.residual_at(key, 3, order=1), torch.tensor([1.0, 2.0]))  # one run: reuse it
+    caches.remember(key, torch.tensor([2.0, 0.0]), 4)
+    assert torch.equal(caches.residual_at(key, 5, order=0), torch.tensor([2.0, 0.0]))
+    assert torch.equal(caches.residual_at(key, 5, order=1), torch.tensor([2.5, -1.0]))  # half a gap on
+    caches.drop([0])
+    assert not caches.residual and not caches.earlier and not caches.ran_at

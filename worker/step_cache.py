@@ -55,6 +55,8 @@ class RowCaches:
     rows: dict[int, RowState] = field(default_factory=dict)
     head_residual: dict[Key, torch.Tensor] = field(default_factory=dict)  # first_block's last head residual
     residual: dict[Key, torch.Tensor] = field(default_factory=dict)  # what the stack added last time
+    ran_at: dict[Key, int] = field(default_factory=dict)  # the step it ran at
+    earlier: dict[Key, tuple[torch.Tensor, int]] = field(default_factory=dict)  # the run before that
 
     def add(self, row_ids: Sequence[int], policies: Sequence[CachePolicy | None]) -> None:
         for row_id, policy in zip(row_ids, policies, strict=True):
@@ -65,8 +67,23 @@ class RowCaches:
         for row_id in row_ids:
             self.rows.pop(row_id, None)
             for branch in (CONDITIONAL, UNCONDITIONAL):
-                self.head_residual.pop((row_id, branch), None)
-                self.residual.pop((row_id, branch), None)
+                for store in (self.head_residual, self.residual, self.ran_at, self.earlier):
+                    store.pop((row_id, branch), None)
+
+    def remember(self, key: Key, residual: torch.Tensor, position: int) -> None:
+        """The residual the stack added at step `position` (it ran)."""
+        if key in self.residual:
+            self.earlier[key] = (self.residual[key], self.ran_at[key])
+        self.residual[key], self.ran_at[key] = residual, position
+
+    def residual_at(self, key: Key, position: int, order: int) -> torch.Tensor:
+        """The residual a skipped step takes: the last one (order 0), or extrapolated along the line
+        through the last two runs (order 1, TaylorSeer's first order, arXiv 2503.06923)."""
+        last, ran_at = self.residual[key], self.ran_at[key]
+        if order == 0 or key not in self.earlier:
+            return last
+        before, ran_before = self.earlier[key]
+        return last + (last - before) * ((position - ran_at) / (ran_at - ran_before))
 
     def skipped_fraction(self, row_ids: Sequence[int] | None = None) -> float:
         """Skipped steps over all steps of these rows (all cached rows when None)."""
@@ -230,9 +247,12 @@ class StepCache:
             anchor = plan.head_out if state.policy.policy is CachePolicyName.FIRST_BLOCK else plan.stack_in
             assert anchor is not None
             if plan.compute[index]:
-                plan.caches.residual[key] = _rows(out, [index], b) - _rows(anchor, [index], b)
+                plan.caches.remember(
+                    key, _rows(out, [index], b) - _rows(anchor, [index], b), plan.positions[key[0]]
+                )
             else:
-                skipped.append((index, _rows(anchor, [index], b) + plan.caches.residual[key]))
+                residual = plan.caches.residual_at(key, plan.positions[key[0]], state.policy.order)
+                skipped.append((index, _rows(anchor, [index], b) + residual))
         if skipped:
             out = out.clone()
             view = out.view(b, -1, *out.shape[1:])
