@@ -69,6 +69,8 @@ class Settings:
     rates: list[float] = field(default_factory=list)  # absolute Poisson rates; replace `poisson` when set
     seed: int = 0
     labels: list[int] = field(default_factory=list)
+    model: str = MODEL_NAME  # the name the service serves model_dir under
+    endpoint: str = "/v1/images"  # where its jobs are posted
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **rest: object) -> "Settings":
@@ -174,8 +176,10 @@ class ServiceUnderTest:
         workdir: Path,
         env: dict[str, str] | None = None,
         embedded_redis: bool = False,
+        models: dict[str, Path] | None = None,
     ):
-        """With embedded_redis (or no REDIS_URL set), on a fresh Redis of its own."""
+        """With embedded_redis (or no REDIS_URL set), on a fresh Redis of its own. `models`: the
+        served models by name (default: settings.model_dir as settings.model)."""
         self.workdir = workdir
         self.redis: EmbeddedRedis | None = None
         redis_url = None if embedded_redis else os.environ.get("REDIS_URL")
@@ -184,12 +188,13 @@ class ServiceUnderTest:
             redis_url = self.redis.url
         self.redis_url = redis_url
         self.port = free_port()
+        served = models or {settings.model: settings.model_dir}
         self.env = {
             **os.environ,
             "REDIS_URL": redis_url,
             "DIT_PORT": str(self.port),
             "DIT_OUTPUT_DIR": str(workdir / "outputs"),
-            "DIT_MODELS": json.dumps([f"{MODEL_NAME}={settings.model_dir}"]),
+            "DIT_MODELS": json.dumps([f"{name}={path}" for name, path in served.items()]),
             "DIT_MAX_BATCH": str(settings.max_batch),
             "DIT_MAX_WAIT_MS": str(settings.max_wait_ms),
             "DIT_BATCHING": settings.batching,
@@ -242,16 +247,17 @@ class ServiceUnderTest:
 
 
 def one_request(client: httpx.Client, settings: Settings, k: int) -> tuple[float, float, str]:
-    """Post job k, wait for it, download its PNG; returns (latency, server latency, job id)."""
+    """Post job k to settings' model, wait for it, download its first output (an image's PNG, a
+    video's file); returns (latency, server latency, job id)."""
     began = time.perf_counter()
     body = {
-        "model": MODEL_NAME,
+        "model": settings.model,
         "class_labels": [settings.labels[k % len(settings.labels)]],
         "seed": settings.seed + k,
         "num_inference_steps": settings.steps,
         "guidance_scale": settings.guidance,
     }
-    response = client.post("/v1/images", json=body)
+    response = client.post(settings.endpoint, json=body)
     response.raise_for_status()
     job_id = response.json()["id"]
     while True:

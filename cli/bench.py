@@ -14,6 +14,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "burst": ("bench.burst", "16 requests posted at once, static and continuous, before and after"),
     "overload": ("bench.overload", "one key flooding the service, with and without admission control"),
     "batching": ("bench.compare_batching", "static against continuous batching at Poisson loads"),
+    "mixed": ("bench.mixed", "images alone, then with videos on the same worker: the image p99 ratio"),
     "cache": ("bench.cache", "step caching: each policy's speed-up over none on the bundled models"),
 }
 

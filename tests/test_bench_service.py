@@ -93,3 +93,28 @@ def test_burst_scenario_reports_each_mode_against_ideal(model_dirs: dict[str, Pa
     assert len(burst["arrivals_s"]) == len(burst["starts_s"]) == 3
     assert 1 <= result["runs"][0] <= result["takes"][0] <= 3
     assert "| static | after |" in done.stdout
+
+
+def test_mixed_scenario_reports_images_alone_and_with_videos(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`dit-serve bench mixed`, tiny: 2 steps, 2 s a phase; seed 0's arrivals at these rates are 2 images
+    (both phases) and 1 video (phase B)."""
+    out = tmp_path / "mixed.json"
+    command = [sys.executable, "-m", "cli", "bench", "mixed", "--steps", "2", "--seconds", "2"]
+    command += ["--model-dir", str(model_dirs["img"]), "--video-model-dir", str(model_dirs["vid"])]
+    command += ["--image-rate", "1.5", "--video-rate", "2", "--seed", "0", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["capacity_images_per_s"] is None and record["image_rate"] == 1.5
+    alone, mixed = record["phases"]
+    assert (alone["phase"], alone["images"], alone["videos"]) == ("A", 2, 0)
+    assert (mixed["phase"], mixed["images"], mixed["videos"]) == ("B", 2, 1)
+    assert alone["video_p99_s"] is None and mixed["video_p99_s"] > 0 and mixed["video_batches"] == 1
+    for phase in (alone, mixed):
+        assert 0 < phase["image_p50_s"] <= phase["image_p95_s"] <= phase["image_p99_s"]
+        assert 0 <= phase["image_wait_p99_s"] < phase["image_p99_s"] and 1 <= phase["image_batches"] <= 2
+    assert record["image_p99_ratio"] == pytest.approx(mixed["image_p99_s"] / alone["image_p99_s"], abs=1e-3)
+    assert record["goal_met"] == (record["image_p99_ratio"] <= 2)
+    assert "| B: images + videos | 2 |" in done.stdout
