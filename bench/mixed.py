@@ -39,7 +39,9 @@ from models.bundled import IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 IMAGE, VIDEO = "image", "video"
 GOAL_RATIO = 2.0  # the issue's goal: image p99 with videos at most twice the p99 without
 DEFAULT_IMAGE_LOAD = 0.5  # of the measured image capacity
-DEFAULT_VIDEO_RATE = 0.25  # videos/s: on 2 CPU cores a bundled video samples like ~16 image rows
+# Videos/s. A bundled video row (16 frames of the image model's size) costs 16 image rows in the
+# worker's batch cost units (worker/batching.py), so this adds about 4 image rows' worth per second.
+DEFAULT_VIDEO_RATE = 0.25
 LABELS_PER_STREAM = 256  # request k asks for label k mod this many, drawn once from the seed
 # Each stream's arrivals come from a generator of its own, so adding videos moves no image arrival.
 STREAM_SEED_OFFSET = {IMAGE: 1, VIDEO: 2}
