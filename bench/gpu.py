@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.families import CASES, _build
+from bench.families import CASES, TINY_SIZES, _build
 from dit_serve.config import CompileMode
 from models.families.base import RowCondition
 from worker.acceleration import accelerate
@@ -71,9 +71,10 @@ def run_mode(
 ) -> list[Row]:
     """Every batch size in one compile mode, on a freshly built model."""
     torch.manual_seed(0)
-    model = _build(CASES["dit-xl-2-256"], device, dtype, tiny)
+    case = CASES["dit-xl-2-256"]
+    model = _build(case, device, dtype, tiny)
     accelerate(model, mode)
-    size, rows = 256, []
+    size, rows = TINY_SIZES[case.name][0] if tiny else case.width, []
     for batch in batches:
         conditions = [RowCondition(class_label=k % 1000) for k in range(batch)]
         seeds, scales = list(range(batch)), [GUIDANCE] * batch

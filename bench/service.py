@@ -69,6 +69,7 @@ class Settings:
     rates: list[float] = field(default_factory=list)  # absolute Poisson rates; replace `poisson` when set
     seed: int = 0
     labels: list[int] = field(default_factory=list)
+    cache: str | None = None  # every request's `cache` field (a policy name or "auto"); None: not sent
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **rest: object) -> "Settings":
@@ -251,6 +252,8 @@ def one_request(client: httpx.Client, settings: Settings, k: int) -> tuple[float
         "num_inference_steps": settings.steps,
         "guidance_scale": settings.guidance,
     }
+    if settings.cache is not None:
+        body["cache"] = settings.cache
     response = client.post("/v1/images", json=body)
     response.raise_for_status()
     job_id = response.json()["id"]
