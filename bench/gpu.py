@@ -1,7 +1,8 @@
 """DiT-XL/2 at 256² on one GPU: images/s and model FLOP utilisation, eager and compiled.
 
-`bench/gpu.sh` runs it on an H100 or H200. The model is built from DiT-XL/2-256's config with random
-weights (FLOPs, not weight values, decide speed) and sampled by the service's own sampler,
+`python -m bench.gpu --device cuda --dtype bf16` runs it on an H100 or H200; bench/gpu_service.py reuses
+its timing in `bench/gpu.sh`'s run of the whole service. The model is built from DiT-XL/2-256's config
+with random weights (FLOPs, not weight values, decide speed) and sampled by the service's own sampler,
 `worker.sampling.generate` (CFG in one forward pass, DDIM, VAE decode), with the worker's fast path
 (`worker.acceleration.accelerate`) in each compile mode.
 

@@ -57,9 +57,10 @@ MIN_STAGE_S = {"model": 30, "sampler": 90, "service_static": 90, "service_contin
 LOG_TAIL_CHARS = 3000
 TINY_DEFAULTS = {  # --tiny: small configs and a workload that runs every stage in seconds on a CPU
     "clients": 4,
-    "requests": 6,
-    "poisson_requests": 4,
+    "requests": 4,
+    "poisson_requests": 3,
     "warm_batches": 0,
+    "cpu_threads": 1,  # this process and the worker share 2 cores: more threads only spin
     "max_batch": 4,
     "steps": 2,
     "mfu_steps": 2,
@@ -164,7 +165,8 @@ def _settings(args: argparse.Namespace, model_dir: Path, batching: str, requests
 
 
 def _worker_env(args: argparse.Namespace) -> dict[str, str]:
-    return {"DIT_DEVICE": args.device, "DIT_DTYPE": args.dtype, "DIT_COMPILE": args.compile}
+    threads = {"OMP_NUM_THREADS": str(args.cpu_threads)} if args.cpu_threads else {}
+    return {"DIT_DEVICE": args.device, "DIT_DTYPE": args.dtype, "DIT_COMPILE": args.compile, **threads}
 
 
 def _warm(service: ServiceUnderTest, settings: Settings, clients: int, batches: int) -> Any:
@@ -260,6 +262,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warm-batches", type=int, default=2, help="full batches before each timed service run"
     )
+    parser.add_argument(
+        "--cpu-threads", type=int, default=None, help="torch's CPU threads here and in the worker"
+    )
     parser.add_argument("--max-wait-ms", type=int, default=20, help="the worker's --max-wait-ms")
     parser.add_argument(
         "--budget-s", type=float, default=420, help="stages that would start later are skipped"
@@ -275,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its children
     start = time.monotonic()
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     device = torch.device(args.device)
     report = Report(args.json, {k: str(v) for k, v in vars(args).items()})
     model_dir = Path(tempfile.mkdtemp(prefix="dit-xl-2-256-random-"))

@@ -63,12 +63,12 @@ def test_gpu_bench_script_runs_every_stage_in_tiny_mode_on_the_cpu(tmp_path: Pat
     assert (sampler["service_shape_row"]["batch"], sampler["mfu_row"]["batch"]) == (4, 32)
     assert sampler["mfu_row"]["mfu"] is None  # no peak is known for a CPU
     static, continuous = stages["service_static"], stages["service_continuous"]
-    assert static["closed"]["requests"] == 6 and static["closed"]["parameter"] == 4  # 4 clients
+    assert static["closed"]["requests"] == 4 and static["closed"]["parameter"] == 4  # 4 clients
     # cache: "auto" resolved to the model directory's policy, with its defaults filled in
     assert static["closed_cache_auto"]["policy"]["policy"] == "interval"
     assert static["closed_cache_auto"]["policy"]["interval"] == 2
     for stage in (static, continuous):
-        assert [(row["load"], row["requests"]) for row in stage["poisson"]] == [(0.5, 4), (0.9, 4)]
+        assert [(row["load"], row["requests"]) for row in stage["poisson"]] == [(0.5, 3), (0.9, 3)]
     capacity = static["closed"]["images_per_second"]
     assert continuous["capacity_images_per_second"] == capacity
     assert continuous["poisson"][1]["parameter"] == round(0.9 * capacity, 3)
