@@ -12,9 +12,9 @@ the JSON as it ends, so a run killed at its time limit keeps what it finished:
    at the service's batch size, steps and compile mode (the ratio's denominator), and at batch 32 with the
    whole transformer compiled (`reduce-overhead`, 50 steps: the MFU goal).
 3. `service_static`: `dit-serve api` + `dit-serve worker` + Redis (bench/service.py's ServiceUnderTest)
-   on that directory; closed-loop clients give the service's images/s (÷ the sampler's: the ratio), the
-   same run with every request sending `cache: "auto"` gives the caching speed-up, then Poisson arrivals
-   at 50% and 90% of the measured images/s give static batching's p99.
+   on that directory; closed-loop clients give the service's images/s (÷ the sampler's: the ratio),
+   Poisson arrivals at 50% and 90% of it give static batching's p99, then the closed-loop run again with
+   every request sending `cache: "auto"` gives the caching speed-up.
 4. `service_continuous`: a fresh worker with continuous batching, the same Poisson arrivals.
 
 Every service run is preceded by warm-up requests of the same kind, so compiles (one per new shape, and
@@ -182,7 +182,10 @@ def _warm(service: ServiceUnderTest, settings: Settings, clients: int, batches: 
     return ran_with
 
 
-def _poisson(service: ServiceUnderTest, settings: Settings, capacity: float, loads: list[float]) -> list:
+def _poisson(
+    service: ServiceUnderTest, settings: Settings, capacity: float, loads: list[float]
+) -> list[dict[str, Any]]:
+    """Open-loop arrivals at each fraction of `capacity` images/s."""
     rows = []
     for load in loads:
         result = run_poisson(service, settings, load * capacity)
@@ -191,7 +194,12 @@ def _poisson(service: ServiceUnderTest, settings: Settings, capacity: float, loa
     return rows
 
 
-def _serve(args: argparse.Namespace, model_dir: Path, batching: str, body: Callable[..., dict]) -> dict:
+def _serve(
+    args: argparse.Namespace,
+    model_dir: Path,
+    batching: str,
+    body: Callable[[ServiceUnderTest, Settings], dict[str, Any]],
+) -> dict[str, Any]:
     """Start a fresh service, run `body(service, settings)`, stop it; the logs go next to the JSON."""
     settings = _settings(args, model_dir, batching, args.requests)
     workdir = Path(tempfile.mkdtemp(prefix=f"dit-gpu-{batching}-"))
@@ -211,22 +219,27 @@ def _serve(args: argparse.Namespace, model_dir: Path, batching: str, body: Calla
 
 
 def static_stage(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """Closed-loop capacity, static batching's Poisson p99, then the closed loop with cache: "auto"."""
+
     def body(service: ServiceUnderTest, settings: Settings) -> dict[str, Any]:
         _warm(service, settings, args.clients, args.warm_batches)
         closed = dataclasses.asdict(run_closed(service, settings, args.clients))
         print(json.dumps({"closed": closed}), flush=True)
+        # Poisson before the cached runs: the worker has then seen what the continuous one will have seen
+        poisson_settings = dataclasses.replace(settings, requests=args.poisson_requests)
+        poisson = _poisson(service, poisson_settings, closed["images_per_second"], args.loads)
         cached = dataclasses.replace(settings, cache="auto")
         policy = _warm(service, cached, args.clients, args.warm_batches)
         closed_cache = {"policy": policy, **dataclasses.asdict(run_closed(service, cached, args.clients))}
         print(json.dumps({"closed_cache_auto": closed_cache}), flush=True)
-        poisson_settings = dataclasses.replace(settings, requests=args.poisson_requests)
-        poisson = _poisson(service, poisson_settings, closed["images_per_second"], args.loads)
         return {"closed": closed, "closed_cache_auto": closed_cache, "poisson": poisson}
 
     return _serve(args, model_dir, "static", body)
 
 
 def continuous_stage(args: argparse.Namespace, model_dir: Path, capacity: float) -> dict[str, Any]:
+    """Continuous batching's Poisson p99 at the static run's capacity, on a fresh worker."""
+
     def body(service: ServiceUnderTest, settings: Settings) -> dict[str, Any]:
         _warm(service, settings, args.clients, args.warm_batches)
         poisson_settings = dataclasses.replace(settings, requests=args.poisson_requests)
