@@ -1,7 +1,8 @@
 """DiT-XL/2 at 256² on one GPU: images/s and model FLOP utilisation, eager and compiled.
 
-`bench/gpu.sh` runs it on an H100 or H200. The model is built from DiT-XL/2-256's config with random
-weights (FLOPs, not weight values, decide speed) and sampled by the service's own sampler,
+`python -m bench.gpu --device cuda --dtype bf16` runs it on an H100 or H200; bench/gpu_service.py reuses
+its timing in `bench/gpu.sh`'s run of the whole service. The model is built from DiT-XL/2-256's config
+with random weights (FLOPs, not weight values, decide speed) and sampled by the service's own sampler,
 `worker.sampling.generate` (CFG in one forward pass, DDIM, VAE decode), with the worker's fast path
 (`worker.acceleration.accelerate`) in each compile mode.
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.families import CASES, _build
+from bench.families import CASES, TINY_SIZES, _build
 from dit_serve.config import CompileMode
 from models.families.base import RowCondition
 from worker.acceleration import accelerate
@@ -71,9 +72,10 @@ def run_mode(
 ) -> list[Row]:
     """Every batch size in one compile mode, on a freshly built model."""
     torch.manual_seed(0)
-    model = _build(CASES["dit-xl-2-256"], device, dtype, tiny)
+    case = CASES["dit-xl-2-256"]
+    model = _build(case, device, dtype, tiny)
     accelerate(model, mode)
-    size, rows = 256, []
+    size, rows = TINY_SIZES[case.name][0] if tiny else case.width, []
     for batch in batches:
         conditions = [RowCondition(class_label=k % 1000) for k in range(batch)]
         seeds, scales = list(range(batch)), [GUIDANCE] * batch

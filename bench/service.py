@@ -71,6 +71,7 @@ class Settings:
     labels: list[int] = field(default_factory=list)
     model: str = MODEL_NAME  # the name the service serves model_dir under
     endpoint: str = "/v1/images"  # where its jobs are posted
+    cache: str | None = None  # every request's `cache` field (a policy name or "auto"); None: not sent
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **rest: object) -> "Settings":
@@ -257,6 +258,8 @@ def one_request(client: httpx.Client, settings: Settings, k: int) -> tuple[float
         "num_inference_steps": settings.steps,
         "guidance_scale": settings.guidance,
     }
+    if settings.cache is not None:
+        body["cache"] = settings.cache
     response = client.post(settings.endpoint, json=body)
     response.raise_for_status()
     job_id = response.json()["id"]

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,30 +44,39 @@ def test_compiled_model_gives_the_eager_output(mode: CompileMode, model_dirs: di
 
 
 @pytest.mark.slow
-def test_gpu_bench_script_runs_in_tiny_mode_on_the_cpu(tmp_path: Path) -> None:
-    flags = [
-        "--tiny",
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
-        "--steps",
-        "2",
-        "--batches",
-        "1",
-        "2",
-        "--modes",
-        "none",
-    ]
+def test_gpu_bench_script_runs_every_stage_in_tiny_mode_on_the_cpu(tmp_path: Path) -> None:
+    """bench/gpu.sh's one GPU run, with a 2-layer DiT and a tiny workload: every stage reports."""
     done = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu.sh"), *flags],
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", "--device", "cpu", "--dtype", "fp32"],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OUT": str(tmp_path)},
+        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads((tmp_path / "gpu.json").read_text())
-    assert [(r["mode"], r["batch"], r["steps"]) for r in rows] == [("none", 1, 2), ("none", 2, 2)]
-    assert all(r["mfu"] is None and r["images_per_second"] > 0 for r in rows)  # no peak known for a CPU
-    assert "| none | 2 |" in done.stdout
+    record = json.loads((tmp_path / "gpu-service.json").read_text())
+    stages = record["stages"]
+    assert list(stages) == ["model", "sampler", "service_static", "service_continuous"]
+    assert not [name for name, stage in stages.items() if "error" in stage or "skipped" in stage]
+    assert stages["model"]["cache_auto"] == {"policy": "interval", "interval": 2, "warmup": 0.1}
+    sampler = stages["sampler"]
+    assert (sampler["service_shape_row"]["batch"], sampler["mfu_row"]["batch"]) == (4, 32)
+    assert sampler["mfu_row"]["mfu"] is None  # no peak is known for a CPU
+    static, continuous = stages["service_static"], stages["service_continuous"]
+    assert static["closed"]["requests"] == 4 and static["closed"]["parameter"] == 4  # 4 clients
+    # cache: "auto" resolved to the model directory's policy, with its defaults filled in
+    assert static["closed_cache_auto"]["policy"]["policy"] == "interval"
+    assert static["closed_cache_auto"]["policy"]["interval"] == 2
+    for stage in (static, continuous):
+        assert [(row["load"], row["requests"]) for row in stage["poisson"]] == [(0.5, 3), (0.9, 3)]
+    capacity = static["closed"]["images_per_second"]
+    assert continuous["capacity_images_per_second"] == capacity
+    assert continuous["poisson"][1]["parameter"] == round(0.9 * capacity, 3)
+    summary = record["summary"]
+    expected_ratio = capacity / sampler["service_shape_row"]["images_per_second"]
+    assert summary["service_over_sampler"] == pytest.approx(expected_ratio, abs=1e-3)
+    assert summary["cache_auto_speedup"] > 0 and summary["mfu_batch_32_whole_transformer_compiled"] is None
+    assert set(summary["p99_s_static"]) == set(summary["p99_s_continuous"]) == {"0.5", "0.9"}
+    assert {"api.log", "worker.log"} <= {
+        log.name.split("-", 1)[1] for log in (tmp_path / "gpu-service-logs").iterdir()
+    }
