@@ -264,7 +264,10 @@ def one_request(client: httpx.Client, settings: Settings, k: int) -> tuple[float
     response.raise_for_status()
     job_id = response.json()["id"]
     while True:
-        job = client.get(f"/v1/jobs/{job_id}", params={"wait": WAIT_S}, timeout=WAIT_S + 30).json()
+        answer = client.get(f"/v1/jobs/{job_id}", params={"wait": WAIT_S}, timeout=WAIT_S + 30)
+        if answer.is_error:
+            raise RuntimeError(f"GET /v1/jobs/{job_id}: {answer.status_code} {answer.text}")
+        job = answer.json()
         if job["status"] == "completed":
             break
         if job["status"] in ("failed", "canceled") or time.perf_counter() - began > REQUEST_TIMEOUT_S:
