@@ -7,6 +7,9 @@ by name when it runs. A new scenario is one line in SCENARIOS.
 
 import argparse
 import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 # scenario -> (module with a `main(argv)`, what it measures)
 SCENARIOS: dict[str, tuple[str, str]] = {
@@ -32,4 +35,14 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_bench(scenario: str, argv: list[str]) -> None:
     module_name, _ = SCENARIOS[scenario]
+    # bench/ is a tool of the repository, not part of the installed package: run from a checkout (an
+    # editable install), whose root holds it beside cli/.
+    checkout = Path(__file__).resolve().parents[1]
+    if importlib.util.find_spec("bench") is None and (checkout / "bench" / "__init__.py").is_file():
+        sys.path.insert(0, str(checkout))
+    if importlib.util.find_spec("bench") is None:
+        raise SystemExit(
+            "dit-serve bench runs the benchmarks in bench/, which ship with a checkout, not with the "
+            "package: clone the repository and `pip install -e '.[worker,bench]'` there"
+        )
     importlib.import_module(module_name).main(argv)

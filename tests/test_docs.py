@@ -185,7 +185,7 @@ def test_checks_catch_what_they_are_for(tmp_path: Path) -> None:
     page.write_text("# A title\n\n## Two words\n\n[ok](#two-words) [bad](#three-words) [gone](missing.md)\n")
     assert [problem.split(":")[0] for problem in broken_links(page)] == ["#three-words", "missing.md"]
     assert github_slug("The GPU fast path: `--compile` ×4 (H200)") == "the-gpu-fast-path---compile-4-h200"
-    assert unknown_subcommands("`dit-serve bench --rates 6`, `dit-serve up|api`, dit-serve runs") == ["bench"]
+    assert unknown_subcommands("`dit-serve bogus --rates 6`, `dit-serve up|api`, dit-serve runs") == ["bogus"]
     assert unknown_subcommands("```sh\ndit-serve bench-batching --rates 6\n```\n") == ["bench-batching"]
     named = "python -m bench.service; python -m bench.nothing_here"
     assert missing_bench_modules(named) == ["bench.nothing_here"]
