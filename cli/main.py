@@ -82,6 +82,12 @@ COMMON_FLAGS = [
         "(DIT_BATCHING, default static)",
     ),
     (
+        "--interleave",
+        "interleave",
+        "on: a long run (a video) pauses between its steps while a shorter batch of another model the "
+        "worker serves runs; off: each batch runs to its end first (DIT_INTERLEAVE, default on)",
+    ),
+    (
         "--metrics-port",
         "metrics_port",
         "port of a worker's Prometheus /metrics, 0 for none (DIT_METRICS_PORT, default 9400; `up` "

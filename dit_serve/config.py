@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     batch_gap_ms: int = Field(DEFAULT_BATCH_GAP_MS, ge=0, le=60_000)
     max_fill_ms: int = Field(DEFAULT_MAX_FILL_MS, ge=0, le=60_000)
     batching: Batching = Batching.STATIC
+    # A long run pauses at a step boundary while a shorter batch of another of the worker's models runs
+    # (worker/interleave.py), so that images do not wait behind a whole video.
+    interleave: bool = True
     worker_name: str | None = None
     # A worker serves its Prometheus metrics on metrics_host:metrics_port (0: not at all); the API's
     # /metrics also carries the metrics found at worker_metrics_url (`dit-serve up` sets it).

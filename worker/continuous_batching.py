@@ -17,10 +17,12 @@ import time
 
 import numpy as np
 
+from dit_serve.contract import JobRequest
 from dit_serve.events import PreviewEvent
 from models.loading import LoadedModel
 from worker.batching import JobTicket
 from worker.continuous import RunningBatch
+from worker.interleave import Interleaver, no_interleaving
 from worker.ledger import JobLedger
 from worker.previews import previews_due
 from worker.queue import new_execution_id
@@ -41,13 +43,17 @@ class ContinuousBatching:
         worker_name: str,
         yield_turn: YieldTurn,
         apart: StaticBatching,
+        interleaver: Interleaver | None = None,
     ):
-        """`apart`: the static batching that tries the jobs of a failed run again in smaller batches."""
+        """`apart`: the static batching that tries the jobs of a failed run again in smaller batches;
+        `interleaver`: the worker's hook that may run a shorter batch of another queue between two steps
+        (worker/interleave.py); none: never."""
         self.ledger = ledger
         self.limits = limits
         self.worker_name = worker_name
         self.yield_turn = yield_turn
         self.apart = apart
+        self.interleaver = interleaver or no_interleaving()
 
     def run(self, queue: str, model: LoadedModel, tickets: list[JobTicket]) -> None:
         ContinuousRun(self, queue, model).run(tickets)
@@ -91,6 +97,7 @@ class ContinuousRun:
                 metrics.stepped(self.model.name, self.model.kind, [rows], step_s)
                 self._report_and_cancel(self._previews(), step_s)
                 self._finish_done_rows()
+                self._interleave(request, step_s)
                 self._join()
                 self._tell_running()
         except Exception as exc:
@@ -189,6 +196,13 @@ class ContinuousRun:
             self.ledger.store(ticket, pixels, self.timer)
         finally:
             self.ledger.release([job_id])
+
+    def _interleave(self, request: JobRequest, step_s: float) -> None:
+        """Let the worker run a shorter batch of another queue before the next step (worker/interleave.py)."""
+        assert self.batch is not None
+        remaining = max((self.batch.steps - done for done in self.batch.steps_done().values()), default=0)
+        if self.strategy.interleaver.turn(self.queue_name, request, remaining, step_s):
+            self.sampling = frozenset()  # resumed: tell the ledger again, which re-arms the watchdog
 
     def _join(self) -> None:
         assert self.batch is not None

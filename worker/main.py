@@ -117,6 +117,7 @@ def run_worker(settings: Settings) -> None:
         max_batch_cost=settings.max_batch_cost,
         batch_gap_ms=settings.batch_gap_ms,
         max_fill_ms=settings.max_fill_ms,
+        interleave=settings.interleave,
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
     worker = Worker(config, redis, models, storage, metrics)

@@ -8,7 +8,7 @@ the first job.
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -199,14 +199,21 @@ class WorkerMetrics:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def timer(self, model: str, kind: str, spent: dict[str, float] | None = None) -> StageTimer:
-        """Times stages of a batch of `model` (adding to `spent`); on CUDA a stage ends when the GPU does."""
+    def timer(
+        self,
+        model: str,
+        kind: str,
+        spent: dict[str, float] | None = None,
+        paused: Callable[[], float] | None = None,
+    ) -> StageTimer:
+        """Times stages of a batch of `model` (adding to `spent`); on CUDA a stage ends when the GPU does.
+        `paused()`: seconds other batches ran inside this one so far (worker/interleave.py), left out."""
 
         @contextmanager
         def timed(stage: str) -> Iterator[None]:
-            start = time.perf_counter()
+            start, paused_at_start = time.perf_counter(), paused() if paused else 0.0
             yield
-            seconds = self.waited(start)
+            seconds = self.waited(start) - ((paused() if paused else 0.0) - paused_at_start)
             self.stages[stage].labels(model, kind).observe(seconds)
             if spent is not None:
                 spent[stage] = spent.get(stage, 0.0) + seconds

@@ -32,6 +32,7 @@ from models.loading import LoadedModel
 from worker.batching import JobTicket
 from worker.continuous import supports_continuous
 from worker.continuous_batching import ContinuousBatching
+from worker.interleave import Interleaver, QueueShape
 from worker.ledger import REDIS_RETRY_S, JobLedger
 from worker.metrics import WorkerMetrics
 from worker.queue import JobQueue, new_execution_id
@@ -61,6 +62,7 @@ class WorkerConfig:
     max_batch_cost: int = DEFAULT_MAX_BATCH_COST  # cost units of one batch (worker/batching.py)
     batch_gap_ms: int = DEFAULT_BATCH_GAP_MS  # the fill window (worker/fill_window.py)
     max_fill_ms: int = DEFAULT_MAX_FILL_MS
+    interleave: bool = True  # a long run pauses at step boundaries for shorter batches (worker/interleave.py)
 
     @property
     def limits(self) -> BatchLimits:
@@ -94,9 +96,11 @@ class Worker:
             config.priority_aging_s,
         )
         self.ledger = JobLedger(self.queue, storage, metrics, config.job_timeout_s)
-        self.static = StaticBatching(self.ledger, config.limits, config.name)
+        shapes = {queue: QueueShape.of(model.spec()) for queue, model in self.models.items()}
+        self.interleaver = Interleaver(shapes, self._waiting, self._run_interleaved, config.interleave)
+        self.static = StaticBatching(self.ledger, config.limits, config.name, self.interleaver)
         self.continuous = ContinuousBatching(
-            self.ledger, config.limits, config.name, self.yield_turn, self.static
+            self.ledger, config.limits, config.name, self.yield_turn, self.static, self.interleaver
         )
         # Registered in RQ's worker registry only so that `rq info` and rq-dashboard list it;
         # RQ's own loop (one job at a time) never runs.
@@ -210,13 +214,27 @@ class Worker:
         return queue, tickets
 
     def yield_turn(self, queue: str) -> bool:
-        """Whether a running batch of `queue` should take no more jobs: stopping, or others wait."""
-        if self.stopping.is_set():
+        """Whether a running batch of `queue` should take no more jobs: stopping, others wait, or it runs
+        inside a paused one (worker/interleave.py)."""
+        if self.stopping.is_set() or self.interleaver.nested:
             return True
-        others = [self.queue.queues[name].key for name in self.models if name != queue]
-        if not others:
-            return False
+        return bool(self._waiting([name for name in self.models if name != queue]))
+
+    def _waiting(self, queues: list[str]) -> list[str]:
+        """Those of `queues` with jobs queued."""
+        if not queues:
+            return []
         with self.redis.pipeline() as pipe:
-            for key in others:
-                pipe.llen(key)
-            return any(pipe.execute())
+            for name in queues:
+                pipe.llen(self.queue.queues[name].key)
+            return [name for name, length in zip(queues, pipe.execute(), strict=True) if length]
+
+    def _run_interleaved(self, queue: str) -> bool:
+        """Take one batch of `queue` and run it to its end, inside a paused run of another queue."""
+        if self.stopping.is_set():
+            return False
+        tickets = self.ledger.take(queue, self.config.limits.room, new_execution_id())
+        if not tickets:
+            return False
+        self.strategy_for(queue).run(queue, self.models[queue], tickets)
+        return True

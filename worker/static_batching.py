@@ -18,6 +18,7 @@ from dit_serve.jobs import SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.fill_window import FillWindow
+from worker.interleave import Interleaver, no_interleaving
 from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
 from worker.metrics import WorkerMetrics
@@ -35,11 +36,20 @@ FILL_POLL_S = 0.002  # while filling a batch, how often to look for more compati
 class StaticBatching:
     """Compatible jobs share one denoising loop; jobs that arrive during it wait for the next."""
 
-    def __init__(self, ledger: JobLedger, limits: BatchLimits, worker_name: str):
+    def __init__(
+        self,
+        ledger: JobLedger,
+        limits: BatchLimits,
+        worker_name: str,
+        interleaver: Interleaver | None = None,
+    ):
+        """`interleaver`: the worker's step-boundary hook that may run a shorter batch of another queue
+        between two steps (worker/interleave.py); none: never."""
         self.ledger = ledger
         self.metrics: WorkerMetrics = ledger.metrics
         self.limits = limits
         self.worker_name = worker_name
+        self.interleaver = interleaver or no_interleaving()
 
     def run(self, queue: str, model: LoadedModel, tickets: list[JobTicket]) -> None:
         # A solo job (dit_serve/reaping.py) runs alone: nothing is added to its batch.
@@ -161,6 +171,10 @@ class StaticBatching:
                 canceled.add(job_id)
                 log.info("job %s canceled at step %d/%d", job_id, done, total)
             self.ledger.release(asked)
+            going = [ticket for job_id, ticket in batch.jobs.items() if job_id not in canceled]
+            if going and self.interleaver.turn(going[0].queue, request, total - done, step_s):
+                self.ledger.running(going)  # resumed: the watchdog's ceiling starts again
+                last_step_at[0] = time.perf_counter()
             return torch.tensor([job_id not in canceled for job_id in live]) if asked else None
 
         spent: dict[str, float] = {}
@@ -174,7 +188,7 @@ class StaticBatching:
             request.height,
             request.num_frames,
             on_step=on_step,
-            timer=self.metrics.timer(model.name, model.kind, spent),
+            timer=self.metrics.timer(model.name, model.kind, spent, self.interleaver.clock),
             on_clean=on_clean,
             caches=RowCaches.of([row.cache for row in batch.rows]),
         )
