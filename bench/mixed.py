@@ -39,9 +39,10 @@ from models.bundled import IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 IMAGE, VIDEO = "image", "video"
 GOAL_RATIO = 2.0  # the issue's goal: image p99 with videos at most twice the p99 without
 DEFAULT_IMAGE_LOAD = 0.5  # of the measured image capacity
-# Videos/s. A bundled video row (16 frames of the image model's size) costs 16 image rows in the
-# worker's batch cost units (worker/batching.py), so this adds about 4 image rows' worth per second.
-DEFAULT_VIDEO_RATE = 0.25
+# Videos/s. One bundled video of 25 steps holds the 2-core development machine's worker for about 5 s,
+# so 0.05/s takes a quarter of its time: with images at half their capacity, a loaded but not an
+# overloaded worker (0.25/s overloaded it: images waited a minute).
+DEFAULT_VIDEO_RATE = 0.05
 LABELS_PER_STREAM = 256  # request k asks for label k mod this many, drawn once from the seed
 # Each stream's arrivals come from a generator of its own, so adding videos moves no image arrival.
 STREAM_SEED_OFFSET = {IMAGE: 1, VIDEO: 2}
@@ -181,7 +182,9 @@ def run(settings: Settings, args: argparse.Namespace) -> dict:
     """Warm-up, the capacity (unless --image-rate), phase A, then phase B; returns the JSON record."""
     streams = streams_for(settings, args.video_model_dir)
     models = {stream.model: stream.model_dir for stream in streams.values()}
-    env = {"DIT_MAX_BATCH_COST": str(args.max_batch_cost)} if args.max_batch_cost else {}
+    env = {"DIT_INTERLEAVE": args.interleave}
+    if args.max_batch_cost:
+        env["DIT_MAX_BATCH_COST"] = str(args.max_batch_cost)
     record: dict = {}
     with tempfile.TemporaryDirectory(prefix="dit-mixed-") as tmp:
         service = ServiceUnderTest(settings, Path(tmp), env, embedded_redis=True, models=models).start()
@@ -195,7 +198,11 @@ def run(settings: Settings, args: argparse.Namespace) -> dict:
                 capacity = closed.images_per_second
             image_rate = args.image_rate if args.image_rate is not None else args.image_load * capacity
             record.update(
-                capacity_images_per_s=capacity, image_rate=round(image_rate, 3), video_rate=args.video_rate
+                capacity_images_per_s=capacity,
+                image_rate=round(image_rate, 3),
+                video_rate=args.video_rate,
+                videos_expected=round(args.video_rate * args.seconds, 1),
+                interleave=args.interleave,
             )
             print(json.dumps(record), flush=True)
             phases = []
@@ -225,7 +232,8 @@ def format_table(record: dict) -> str:
 
     lines = [
         f"image arrivals {record['image_rate']}/s (capacity {cell(record['capacity_images_per_s'])} "
-        f"images/s), videos {record['video_rate']}/s in phase B",
+        f"images/s), videos {record['video_rate']}/s in phase B ({record['videos_expected']} expected), "
+        f"interleave {record['interleave']}",
         "",
         "| phase | images | image p50 s | image p95 s | image p99 s | image wait p99 s | image batches "
         "| videos | video p50 s | video p99 s | video batches |",
@@ -262,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         "--max-batch-cost", type=int, default=None, help="the worker's --max-batch-cost (default: its own)"
     )
     parser.add_argument("--batching", choices=["static", "continuous"], default="static", help="the worker's")
+    parser.add_argument(
+        "--interleave", choices=["on", "off"], default="on", help="the worker's (worker/interleave.py)"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/mixed.json"))
     args = parser.parse_args(argv)
     settings = Settings.for_service_only(args, batching=args.batching, seed=args.seed)

@@ -108,6 +108,7 @@ def test_mixed_scenario_reports_images_alone_and_with_videos(
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["capacity_images_per_s"] is None and record["image_rate"] == 1.5
+    assert record["videos_expected"] == 4.0 and record["interleave"] == "on"
     alone, mixed = record["phases"]
     assert (alone["phase"], alone["images"], alone["videos"]) == ("A", 2, 0)
     assert (mixed["phase"], mixed["images"], mixed["videos"]) == ("B", 2, 1)
