@@ -8,21 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from redis import Redis
 
-from dit_serve.contract import JobKind, JobRequest, OutputFormat
-from dit_serve.jobs import JobRecord, queue_name, record_key, rq_job_key
-from dit_serve.queueing import enqueue_job
-from dit_serve.storage import LocalStorage
+from dit_serve.contract import JobKind
+from dit_serve.jobs import queue_name
 from models.loading import LoadedModel, load_model
-from worker.batching import JobTicket
+from tests.worker_harness import CPU, InProcessWorker, job_request
 from worker.interleave import Interleaver, Pace, QueueShape, expected_batch_s, shortest_to_interleave
-from worker.metrics import WorkerMetrics
-from worker.runner import Worker, WorkerConfig
 
-CPU = torch.device("cpu")
-TTL_S = 3600
 VIDEO_STEPS = 10
 IMAGE_STEPS = 3
 IMG, VID = queue_name("img"), queue_name("vid")
@@ -56,22 +49,6 @@ def test_pace_is_a_moving_average_of_measured_steps() -> None:
     assert pace.seconds == {"q": 2.0}
 
 
-def _request(kind: JobKind, steps: int, frames: int = 1, model: str = "m") -> JobRequest:
-    return JobRequest(
-        kind=kind,
-        model=model,
-        n=1,
-        seed=7,
-        class_labels=[2],
-        guidance_scale=4.0,
-        num_inference_steps=steps,
-        width=32,
-        height=32,
-        num_frames=frames,
-        output_format=OutputFormat.PNG if kind is JobKind.IMAGE else OutputFormat.GIF,
-    )
-
-
 class FakeQueues:
     """What the Interleaver asks of a worker: which queues wait, and running one batch of one."""
 
@@ -88,7 +65,7 @@ class FakeQueues:
         self.ran.append(queue)
         self.queued.remove(queue)
         # the batch run inside is itself a run at step boundaries: it must never pause for another
-        assert not self.interleaver.turn(queue, _request(JobKind.IMAGE, 4), 3, 0.01)
+        assert not self.interleaver.turn(queue, job_request(JobKind.IMAGE, 4), 3, 0.01)
         return True
 
 
@@ -105,7 +82,7 @@ def _interleaver(queues: FakeQueues, enabled: bool = True) -> Interleaver:
 def test_a_long_run_runs_one_shorter_batch_per_step_boundary_and_never_nests() -> None:
     queues = FakeQueues(["img", "img2"])
     interleaver = _interleaver(queues)
-    video = _request(JobKind.VIDEO, 25, frames=16)
+    video = job_request(JobKind.VIDEO, 25, frames=16)
     assert interleaver.turn("vid", video, 20, 0.2)  # one batch only: the paused run steps before the next
     assert queues.ran == ["img"] and interleaver.paused_s > 0
     assert interleaver.turn("vid", video, 19, 0.2)
@@ -117,7 +94,7 @@ def test_a_long_run_runs_one_shorter_batch_per_step_boundary_and_never_nests() -
 def test_a_short_run_is_not_paused_for_a_longer_batch_nor_without_a_measured_pace() -> None:
     queues = FakeQueues(["vid"])
     interleaver = _interleaver(queues)
-    image = _request(JobKind.IMAGE, 4)
+    image = job_request(JobKind.IMAGE, 4)
     assert not interleaver.turn("img", image, 3, None)  # the first step's time is not known yet
     assert not interleaver.turn("img", image, 3, 0.05)  # 25 video steps ~ 16x an image step each
     assert not interleaver.turn("img", image, 0, 0.05)
@@ -127,7 +104,7 @@ def test_a_short_run_is_not_paused_for_a_longer_batch_nor_without_a_measured_pac
 def test_turned_off_it_never_pauses() -> None:
     queues = FakeQueues(["img"])
     interleaver = _interleaver(queues, enabled=False)
-    assert not interleaver.turn("vid", _request(JobKind.VIDEO, 25, frames=16), 20, 0.2)
+    assert not interleaver.turn("vid", job_request(JobKind.VIDEO, 25, frames=16), 20, 0.2)
     assert queues.ran == []
 
 
@@ -139,59 +116,12 @@ def tiny(model_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
     return {name: load_model(name, model_dirs[name], CPU) for name in ("vid", "img")}
 
 
-class Run:
-    """A Worker in this process over the tiny video and image models, and what it ran."""
-
-    def __init__(
-        self, redis: Redis, models: dict[str, LoadedModel], root: Path, continuous: bool, interleave: bool
-    ):
-        self.redis = redis
-        self.storage = LocalStorage(root)
-        config = WorkerConfig(
-            name="w",
-            max_batch=16,
-            max_wait_ms=0,
-            heartbeat_interval_s=5,
-            heartbeat_ttl_s=30,
-            reap_interval_s=5,
-            job_ttl_s=TTL_S,
-            continuous=continuous,
-            batch_gap_ms=0,
-            max_fill_ms=0,
-            interleave=interleave,
-        )
-        metrics = WorkerMetrics(CPU, "continuous" if continuous else "static")
-        for model in models.values():
-            metrics.add_model(model)
-        self.worker = Worker(config, redis, models, self.storage, metrics)
-        self.armed: list[set[str]] = []  # the jobs of each watchdog Attempt, in order
-        running = self.worker.ledger.running
-
-        def arm(tickets: list[JobTicket]) -> None:
-            self.armed.append({ticket.job_id for ticket in tickets})
-            running(tickets)
-
-        self.worker.ledger.running = arm  # type: ignore[method-assign]
-
-    def enqueue(self, job_id: str, model: str, kind: JobKind, steps: int, frames: int = 1) -> str:
-        record = JobRecord.new(_request(kind, steps, frames, model))
-        enqueue_job(self.redis, job_id, record, retries=2, ttl_s=TTL_S)
-        return job_id
-
-    def record(self, job_id: str) -> JobRecord:
-        return JobRecord.from_hash(self.redis.hgetall(record_key(job_id)))  # type: ignore[arg-type]
-
-    def status(self, job_id: str) -> str:
-        return self.redis.hget(rq_job_key(job_id), "status").decode()  # type: ignore[union-attr]
-
-    def output(self, job_id: str) -> bytes:
-        return self.storage.get(self.record(job_id).outputs[0].key)
-
-
 @pytest.fixture
 def run(redis: Redis, tiny: dict[str, LoadedModel], tmp_path: Path) -> Iterator[object]:
-    def make(continuous: bool, interleave: bool) -> Run:
-        return Run(redis, tiny, tmp_path / f"out-{continuous}-{interleave}", continuous, interleave)
+    def make(continuous: bool, interleave: bool) -> InProcessWorker:
+        return InProcessWorker(
+            redis, tiny, tmp_path / f"out-{continuous}-{interleave}", continuous, interleave
+        )
 
     yield make
 
@@ -204,8 +134,8 @@ def test_an_image_queued_behind_a_running_video_ends_first_and_the_video_is_unch
     # Off: the video, taken first, runs to its end before the image starts.
     off = run(continuous, interleave=False)
     video, image = (
-        off.enqueue("v-off", "vid", JobKind.VIDEO, VIDEO_STEPS, frames),
-        off.enqueue("i-off", "img", JobKind.IMAGE, IMAGE_STEPS),
+        off.enqueue("v-off", job_request(JobKind.VIDEO, VIDEO_STEPS, frames, model="vid")),
+        off.enqueue("i-off", job_request(JobKind.IMAGE, IMAGE_STEPS, model="img")),
     )
     assert off.worker.run_once() and off.status(video) == "finished" and off.status(image) == "queued"
     assert off.worker.run_once() and off.status(image) == "finished"
@@ -215,8 +145,8 @@ def test_an_image_queued_behind_a_running_video_ends_first_and_the_video_is_unch
     on = run(continuous, interleave=True)
     on.worker.interleaver.pace.record(IMG, 1e-4)  # measured before: an image batch is short
     video, image = (
-        on.enqueue("v-on", "vid", JobKind.VIDEO, VIDEO_STEPS, frames),
-        on.enqueue("i-on", "img", JobKind.IMAGE, IMAGE_STEPS),
+        on.enqueue("v-on", job_request(JobKind.VIDEO, VIDEO_STEPS, frames, model="vid")),
+        on.enqueue("i-on", job_request(JobKind.IMAGE, IMAGE_STEPS, model="img")),
     )
     assert on.worker.run_once()
     assert on.status(video) == "finished" and on.status(image) == "finished"
@@ -228,13 +158,15 @@ def test_an_image_queued_behind_a_running_video_ends_first_and_the_video_is_unch
     assert on.armed[:3] == [{video}, {image}, {video}]
     assert on.worker.ledger.held() == [] and on.worker.ledger.overdue() is None
     assert on.worker.interleaver.paused_s > 0 and not on.worker.interleaver.nested
+    assert on.sample("dit_interleaved_batches_total", model="img", kind="image") == 1
+    assert off.sample("dit_interleaved_batches_total", model="img", kind="image") == 0
 
 
 def test_a_running_image_batch_is_not_paused_for_a_longer_video(run) -> None:
     on = run(False, interleave=True)
     on.worker._next_queue = 1  # the image queue's turn first
-    image = on.enqueue("i", "img", JobKind.IMAGE, 8)
-    video = on.enqueue("v", "vid", JobKind.VIDEO, VIDEO_STEPS, frames=5)
+    image = on.enqueue("i", job_request(JobKind.IMAGE, 8, model="img"))
+    video = on.enqueue("v", job_request(JobKind.VIDEO, VIDEO_STEPS, 5, model="vid"))
     assert on.worker.run_once()
     assert on.status(image) == "finished" and on.status(video) == "queued"
     assert on.worker.run_once() and on.status(video) == "finished"

@@ -10,10 +10,13 @@ from diffusers import DiTPipeline
 from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from pydantic import ValidationError
+from redis import Redis
 
 from dit_serve.caching import CachePolicy, CachePolicyName, parse_policy, resolve
+from dit_serve.contract import JobKind
 from models.bundled import IMAGE_MODEL_DIR
 from models.loading import LoadedModel, RowCondition, load_model
+from tests.worker_harness import InProcessWorker, job_request
 from worker.continuous import RunningBatch
 from worker.sampling import generate
 from worker.step_cache import RowCaches
@@ -194,3 +197,20 @@ def test_a_skipped_step_extrapolates_the_last_two_residuals_at_order_one() -> No
     assert torch.equal(caches.residual_at(key, 5, order=1), torch.tensor([2.5, -1.0]))  # half a gap on
     caches.drop([0])
     assert not caches.residual and not caches.earlier and not caches.ran_at
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])
+def test_a_worker_counts_its_cached_rows_steps_computed_and_skipped(
+    bundled_image: LoadedModel, redis: Redis, tmp_path: Path, continuous: bool
+) -> None:
+    worker = InProcessWorker(redis, {bundled_image.name: bundled_image}, tmp_path, continuous)
+    model = bundled_image.name
+    worker.enqueue("cached", job_request(JobKind.IMAGE, STEPS, model=model, cache=INTERVAL))
+    worker.enqueue("plain", job_request(JobKind.IMAGE, STEPS, model=model))
+    assert worker.worker.run_once()
+    assert worker.status("cached") == worker.status("plain") == "finished"
+    labels = {"model": model, "kind": "image"}
+    # one cached row of 16 steps: 4 warm-up steps, then every 3rd of the other 12 runs; the plain row
+    # is not counted
+    assert worker.sample("dit_cached_row_steps_total", outcome="skipped", **labels) == 8
+    assert worker.sample("dit_cached_row_steps_total", outcome="computed", **labels) == 8

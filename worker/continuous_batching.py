@@ -179,6 +179,10 @@ class ContinuousRun:
         finished = self.batch.finished()
         if not finished:
             return
+        if self.batch.caches:
+            self.ledger.metrics.cached(
+                self.model.name, self.model.kind, *self.batch.caches.step_counts(finished)
+            )
         with self.timer(DECODE):
             decoded = self.model.decode(self.batch.pop(finished)).numpy()
         for row_id, array in zip(finished, decoded, strict=True):

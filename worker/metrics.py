@@ -60,6 +60,10 @@ class DeviceMemoryCollector(Collector):
         yield family
 
 
+COMPUTED, SKIPPED = "computed", "skipped"
+CACHED_STEP_OUTCOMES = (COMPUTED, SKIPPED)
+
+
 class WorkerMetrics:
     """The histograms, counters and gauges of one worker process."""
 
@@ -106,6 +110,18 @@ class WorkerMetrics:
             [*labels, "status", "code"],
             registry=registry,
         )
+        self.cached_steps = Counter(
+            "dit_cached_row_steps",
+            "Denoising steps of output rows that asked for step caching: whether their blocks ran",
+            [*labels, "outcome"],
+            registry=registry,
+        )
+        self.interleaved = Counter(
+            "dit_interleaved_batches",
+            "Batches run inside a paused run of another model (worker/interleave.py)",
+            labels,
+            registry=registry,
+        )
         self.images = Counter("dit_images_generated", "Images stored", ["model"], registry=registry)
         self.frames = Counter(
             "dit_video_frames_generated", "Video frames stored", ["model"], registry=registry
@@ -141,6 +157,9 @@ class WorkerMetrics:
             *self.stages.values(),
         ):
             histogram.labels(*key)
+        for outcome in CACHED_STEP_OUTCOMES:
+            self.cached_steps.labels(*key, outcome)
+        self.interleaved.labels(*key)
         for status in FINISHED_STATUSES:
             for code in WORKER_ERROR_CODES if status == "failed" else ("",):
                 self.finished.labels(*key, status, code)
@@ -175,6 +194,11 @@ class WorkerMetrics:
         for rows in rows_per_step:
             self.step.labels(model, kind).observe(seconds / len(rows_per_step))
             self.batch_rows.labels(model, kind).observe(rows)
+
+    def cached(self, model: str, kind: str, computed: int, skipped: int) -> None:
+        """Row steps of cached rows that ran their blocks (`computed`) and that skipped them."""
+        self.cached_steps.labels(model, kind, COMPUTED).inc(computed)
+        self.cached_steps.labels(model, kind, SKIPPED).inc(skipped)
 
     def ended(
         self, ticket: JobTicket, status: str, code: str = "", outputs: list[OutputRecord] | None = None

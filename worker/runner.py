@@ -236,5 +236,7 @@ class Worker:
         tickets = self.ledger.take(queue, self.config.limits.room, new_execution_id())
         if not tickets:
             return False
-        self.strategy_for(queue).run(queue, self.models[queue], tickets)
+        model = self.models[queue]
+        self.metrics.interleaved.labels(model.name, model.kind).inc()
+        self.strategy_for(queue).run(queue, model, tickets)
         return True

@@ -178,6 +178,7 @@ class StaticBatching:
             return torch.tensor([job_id not in canceled for job_id in live]) if asked else None
 
         spent: dict[str, float] = {}
+        caches = RowCaches.of([row.cache for row in batch.rows])
         pixels_out, rows = generate(
             model,
             [row.condition for row in batch.rows],
@@ -190,9 +191,11 @@ class StaticBatching:
             on_step=on_step,
             timer=self.metrics.timer(model.name, model.kind, spent, self.interleaver.clock),
             on_clean=on_clean,
-            caches=RowCaches.of([row.cache for row in batch.rows]),
+            caches=caches,
         )
         self.metrics.stepped(model.name, model.kind, rows_per_step, spent[SAMPLING])
+        if caches:
+            self.metrics.cached(model.name, model.kind, *caches.step_counts())
         pixels: dict[str, list[np.ndarray]] = defaultdict(list)
         decoded = pixels_out.numpy()  # (M, H, W, 3) or (M, F, H, W, 3)
         for row_index, array in zip(rows.tolist(), decoded, strict=True):

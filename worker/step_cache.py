@@ -20,7 +20,7 @@ frame), contiguous per forward row; tensors whose leading size is a multiple of 
 sliced that way, the rest are passed as they are.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,11 +85,15 @@ class RowCaches:
         before, ran_before = self.earlier[key]
         return last + (last - before) * ((position - ran_at) / (ran_at - ran_before))
 
+    def step_counts(self, row_ids: Iterable[int] | None = None) -> tuple[int, int]:
+        """(steps computed, steps skipped) of these rows, summed (all cached rows when None)."""
+        states = [self.rows[row] for row in (self.rows if row_ids is None else row_ids) if row in self.rows]
+        return sum(state.computed for state in states), sum(state.skipped for state in states)
+
     def skipped_fraction(self, row_ids: Sequence[int] | None = None) -> float:
         """Skipped steps over all steps of these rows (all cached rows when None)."""
-        states = [self.rows[row] for row in (self.rows if row_ids is None else row_ids) if row in self.rows]
-        steps = sum(state.computed + state.skipped for state in states)
-        return sum(state.skipped for state in states) / steps if steps else 0.0
+        computed, skipped = self.step_counts(row_ids)
+        return skipped / (computed + skipped) if computed + skipped else 0.0
 
     def __bool__(self) -> bool:
         return bool(self.rows)
