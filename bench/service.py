@@ -219,6 +219,7 @@ class ServiceUnderTest:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if any(process.poll() is not None for process in self.processes):
+                self.stop()  # the other process too: a leftover API would serve a shared Redis on
                 raise RuntimeError(f"the service did not start; see the logs in {self.workdir}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
@@ -226,6 +227,7 @@ class ServiceUnderTest:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.stop()
         raise RuntimeError(f"the service was not ready within {START_TIMEOUT_S} s; logs in {self.workdir}")
 
     def batches(self, job_ids: list[str]) -> int:

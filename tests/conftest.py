@@ -26,6 +26,7 @@ from dit_serve.jobs import SAMPLING_FAILED_ERROR
 
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.05
+CLIENT_TIMEOUT_S = 90.0  # Service.client(): above the longest `?wait=` of the tests
 TEST_DB = 15
 MOTO_START_TIMEOUT_S = 15.0
 BUCKET = "dit-outputs"
@@ -189,7 +190,9 @@ class Service:
             return False
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+        # Longer than the longest `?wait=` the tests ask for (60 s), so that a slow machine's long wait
+        # ends in the job's answer, not in the client's timeout.
+        return httpx.Client(base_url=self.base_url, timeout=CLIENT_TIMEOUT_S)
 
     def api_log(self) -> str:
         return (self.tmp / "api.log").read_text(errors="replace")
