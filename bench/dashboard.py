@@ -25,10 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.prometheus import PrometheusAPI, PrometheusServer
-from bench.service import ServiceUnderTest, Settings
+from bench.service import ServiceUnderTest, Settings, client_for
 from dit_serve.embedded_redis import free_port
 from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 
@@ -146,7 +144,7 @@ def drive(url: str, seconds: float, rate: float, seed: int = 0) -> dict[str, int
 
     def one(k: int, kind: str, body: dict[str, Any]) -> None:
         if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=url, timeout=WAIT_S + 30)
+            local.client = client_for(url, WAIT_S + 30)
         response = local.client.post(f"/v1/{kind}", json=body)
         status = str(response.status_code)
         if response.status_code == 202:

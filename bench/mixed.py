@@ -32,7 +32,15 @@ from pathlib import Path
 import httpx
 from redis import Redis
 
-from bench.service import ServiceUnderTest, Settings, add_workload_flags, one_request, percentile, run_closed
+from bench.service import (
+    ServiceUnderTest,
+    Settings,
+    add_workload_flags,
+    client_for,
+    one_request,
+    percentile,
+    run_closed,
+)
 from dit_serve.jobs import RecordField, record_key
 from models.bundled import IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 
@@ -108,7 +116,7 @@ def run_open_loop(
 
     def request(arrival: Arrival) -> None:
         if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=service.url, timeout=60)
+            local.client = client_for(service.url)
             clients.append(local.client)
         latency, _, job_id = one_request(local.client, streams[arrival.kind], arrival.k)
         done.append(Done(arrival.kind, latency, job_id))

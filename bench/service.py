@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -166,6 +167,17 @@ def run_ideal(settings: Settings) -> Result:
 
 
 # -- (c) the service over HTTP ---------------------------------------------------------------------
+
+
+# Below uvicorn's keep-alive timeout (5 s): a client that reuses an idle connection just as the server
+# closes it gets "connection reset by peer" (it ended a 240 s `bench mixed` run).
+KEEPALIVE_EXPIRY_S = 2.0
+
+
+def client_for(url: str, timeout: float = 60.0, **options: Any) -> httpx.Client:
+    """An HTTP client of the service at `url` that drops idle connections before the server does."""
+    limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    return httpx.Client(base_url=url, timeout=timeout, limits=limits, **options)
 
 
 class ServiceUnderTest:
@@ -319,7 +331,7 @@ def run_poisson(service: ServiceUnderTest, settings: Settings, rate: float) -> R
 
     def request(k: int) -> None:
         if not hasattr(clients, "client"):
-            clients.client = httpx.Client(base_url=service.url, timeout=60)
+            clients.client = client_for(service.url)
         records.append(one_request(clients.client, settings, k))
 
     start = time.perf_counter()
