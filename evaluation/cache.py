@@ -19,12 +19,10 @@ import torch
 from dit_serve.caching import CachePolicy, CachePolicyName
 from evaluation.classifier import ShapeClassifier, classify, embed, load_classifier
 from evaluation.judge import frechet_distance, judge_clips
-from evaluation.run import REAL_SEED, load_class_model
+from evaluation.run import DDIM, REAL_SEED, generate, load_class_model
 from models.families.base import CACHE_AUTO_FILE
 from models.families.class_dit import ClassConditionalDiT
-from models.loading import RowCondition
 from models.training import shapes
-from worker.sampling import generate
 from worker.step_cache import RowCaches
 
 STEPS = 25  # the bundled models' default
@@ -65,27 +63,12 @@ def _sample(
     model: ClassConditionalDiT, labels: list[int], policy: CachePolicy | None
 ) -> tuple[np.ndarray, float, float]:
     """Pixels of (label k, seed k) for every k, the skipped fraction, and the sampling seconds."""
-    size, frames = model.native_size, model.max_frames or 1
-    outputs, skipped, steps = [], 0.0, 0
     start = time.perf_counter()
-    for first in range(0, len(labels), BATCH):
-        chunk = labels[first : first + BATCH]
-        caches = RowCaches.of([policy] * len(chunk))
-        pixels, _ = generate(
-            model,
-            [RowCondition(class_label=label) for label in chunk],
-            list(range(first, first + len(chunk))),
-            [GUIDANCE] * len(chunk),
-            STEPS,
-            size,
-            size,
-            frames,
-            caches=caches,
-        )
-        outputs.append(pixels.numpy())
-        skipped += caches.skipped_fraction() * len(chunk)
-        steps += len(chunk)
-    return np.concatenate(outputs), skipped / steps, time.perf_counter() - start
+    caches: list[RowCaches] = []
+    seeds = list(range(len(labels)))
+    pixels = generate(model, labels, seeds, GUIDANCE, STEPS, DDIM, policy, BATCH, caches)
+    computed, skipped = (sum(counts) for counts in zip(*(c.step_counts() for c in caches), strict=True))
+    return pixels, skipped / max(1, computed + skipped), time.perf_counter() - start
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -9,19 +9,22 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+from dit_serve.caching import CachePolicy
 from evaluation.classifier import ShapeClassifier, classify, embed, load_classifier
 from evaluation.judge import frechet_distance, judge_clips
 from models.families.class_dit import ClassConditionalDiT
 from models.loading import LoadedModel, RowCondition, load_model
 from models.training import shapes
 from worker.sampling import generate as sample_rows
+from worker.step_cache import RowCaches
 
 CPU = torch.device("cpu")
+DDIM, DPM_SOLVER = "ddim", "dpm-solver++"
 SETTINGS = [  # (guidance scale, steps, solver): the seed document's FID/steps table in miniature
-    (1.0, 25, "ddim"),
-    (4.0, 25, "ddim"),
-    (1.0, 10, "dpm-solver++"),
-    (4.0, 10, "dpm-solver++"),
+    (1.0, 25, DDIM),
+    (4.0, 25, DDIM),
+    (1.0, 10, DPM_SOLVER),
+    (4.0, 10, DPM_SOLVER),
 ]
 BATCH = 64  # outputs per sampling call
 REAL_SEED = 10_000
@@ -42,19 +45,31 @@ class Row:
 
 
 def _scheduler(model: LoadedModel, solver: str) -> DDIMScheduler | DPMSolverMultistepScheduler:
-    if solver == "ddim":
+    if solver == DDIM:
         return DDIMScheduler.from_config(model.scheduler.config)
     return DPMSolverMultistepScheduler.from_config(model.scheduler.config, algorithm_type="dpmsolver++")
 
 
 def generate(
-    model: ClassConditionalDiT, labels: list[int], seeds: list[int], guidance: float, steps: int, solver: str
+    model: ClassConditionalDiT,
+    labels: list[int],
+    seeds: list[int],
+    guidance: float,
+    steps: int,
+    solver: str,
+    policy: CachePolicy | None = None,
+    batch: int = BATCH,
+    caches: list[RowCaches] | None = None,
 ) -> np.ndarray:
-    """Pixels for each (label, seed), through worker.sampling: (N, H, W, 3) or (N, F, H, W, 3) uint8."""
+    """Pixels for each (label, seed), through worker.sampling: (N, H, W, 3) or (N, F, H, W, 3) uint8.
+
+    `policy`: every row's step caching; each chunk's RowCaches (what it skipped) is appended to `caches`.
+    """
     size, frames = model.native_size, model.max_frames or 1
     outputs = []
-    for start in range(0, len(labels), BATCH):
-        chunk_labels, chunk_seeds = labels[start : start + BATCH], seeds[start : start + BATCH]
+    for start in range(0, len(labels), batch):
+        chunk_labels, chunk_seeds = labels[start : start + batch], seeds[start : start + batch]
+        chunk_caches = RowCaches.of([policy] * len(chunk_labels))
         pixels, _ = sample_rows(
             model,
             [RowCondition(class_label=label) for label in chunk_labels],
@@ -65,8 +80,11 @@ def generate(
             size,
             frames,
             scheduler=_scheduler(model, solver),
+            caches=chunk_caches,
         )
         outputs.append(pixels.numpy())
+        if caches is not None:
+            caches.append(chunk_caches)
     return np.concatenate(outputs)
 
 

@@ -1,5 +1,5 @@
-"""`dit-serve soak --minutes 1` (the suite's; `--minutes 30` is the recorded one, docs/testing.md): kills, a Redis and an API restart under load, and nothing lost: no
-job, no output written twice, no webhook."""
+"""`dit-serve soak --minutes 1` (the suite's; a 30-minute run is recorded in docs/testing.md): kills, a
+Redis and an API restart under load, and nothing lost: no job, no output written twice, no webhook."""
 
 import json
 import subprocess
