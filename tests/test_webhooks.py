@@ -120,7 +120,8 @@ def test_a_failing_receiver_gets_the_final_event_once_accepted_verified_by_the_d
 def test_started_progress_and_completed_events_when_asked(hooked: Service, alice: dict[str, str]) -> None:
     events = ["started", "progress", "completed"]
     with receiving() as hook, client(hooked, alice) as http:
-        body = {"model": "slow", "prompt": "red circle moving up", "num_inference_steps": 5}
+        # 12 steps: long enough that a progress event is sent before the end, even on a loaded machine
+        body = {"model": "slow", "prompt": "red circle moving up", "num_inference_steps": 12}
         job_id = submit(http, {**body, "webhook_url": hook.url(), "webhook_events": events}, "/v1/videos")
         received = hook.wait_for(lambda got: "job.completed" in types(got), WAIT_S, "the final event")
         job = http.get(f"/v1/jobs/{job_id}").json()
