@@ -21,6 +21,7 @@ from worker.fill_window import FillWindow
 from worker.interleave import Interleaver, no_interleaving
 from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
+from worker.lora import adapter_bank, row_adapters
 from worker.metrics import WorkerMetrics
 from worker.previews import previews_due
 from worker.sampling import generate
@@ -179,6 +180,10 @@ class StaticBatching:
 
         spent: dict[str, float] = {}
         caches = RowCaches.of([row.cache for row in batch.rows])
+        loras = [row.loras for row in batch.rows]
+        adapters = row_adapters(
+            adapter_bank(model.transformer, self.ledger.storage) if any(loras) else None, loras
+        )
         pixels_out, rows = generate(
             model,
             [row.condition for row in batch.rows],
@@ -192,6 +197,7 @@ class StaticBatching:
             timer=self.metrics.timer(model.name, model.kind, spent, self.interleaver.clock),
             on_clean=on_clean,
             caches=caches,
+            adapters=adapters,
         )
         self.metrics.stepped(model.name, model.kind, rows_per_step, spent[SAMPLING])
         if caches:
