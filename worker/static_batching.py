@@ -14,14 +14,14 @@ import torch
 from redis.exceptions import RedisError
 
 from dit_serve.events import PreviewEvent
-from dit_serve.jobs import SAMPLING_FAILED_ERROR
+from dit_serve.jobs import LORA_UNAVAILABLE_ERROR, SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.fill_window import FillWindow
 from worker.interleave import Interleaver, no_interleaving
 from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
-from worker.lora import adapter_bank, row_adapters
+from worker.lora import LoraUnavailable, adapter_bank, row_adapters
 from worker.metrics import WorkerMetrics
 from worker.previews import previews_due
 from worker.sampling import generate
@@ -120,8 +120,9 @@ class StaticBatching:
                 jobs,
                 exc_info=exc,
             )
+            error = LORA_UNAVAILABLE_ERROR if isinstance(exc, LoraUnavailable) else SAMPLING_FAILED_ERROR
             for ticket in tickets:
-                self.ledger.fail(ticket, SAMPLING_FAILED_ERROR)
+                self.ledger.fail(ticket, error)
             return
         groups = retry_groups(tickets, exc)
         log.warning(

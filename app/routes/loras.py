@@ -9,19 +9,21 @@ jobs that named it fail `lora_unavailable`, and workers drop it from memory as t
 
 from pathlib import Path
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 
 from app.auth import Caller, CallerDep
-from app.deps import RedisDep, StorageDep
+from app.deps import RedisDep, StorageDep, require_json
 from app.errors import Conflict, Forbidden, InvalidRequest, NotFound, ServiceUnavailable
 from app.openapi import (
     ADMIN_ONLY,
+    BODY_TOO_LARGE,
     INVALID_LORA,
     LORA_EXISTS,
     LORA_NOT_FOUND,
     NO_LAYERS,
     REDIS_UNAVAILABLE,
     UNAUTHORIZED,
+    UNSUPPORTED_MEDIA_TYPE,
     error_responses,
 )
 from dit_serve.catalog import served_models
@@ -48,8 +50,16 @@ def list_loras(redis: RedisDep, _caller: CallerDep) -> LoraList:
     "",
     status_code=201,
     responses=error_responses(
-        UNAUTHORIZED, ADMIN_ONLY, INVALID_LORA, LORA_EXISTS, NO_LAYERS, REDIS_UNAVAILABLE
+        UNAUTHORIZED,
+        ADMIN_ONLY,
+        BODY_TOO_LARGE,
+        UNSUPPORTED_MEDIA_TYPE,
+        INVALID_LORA,
+        LORA_EXISTS,
+        NO_LAYERS,
+        REDIS_UNAVAILABLE,
     ),
+    dependencies=[Depends(require_json)],
 )
 def register_lora(
     body: LoraRegistration, redis: RedisDep, storage: StorageDep, caller: CallerDep, response: Response
