@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiTPipeline
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from dit_serve.loras import AppliedLora, LoraError, check_fits, info_for, read_adapter
 from dit_serve.storage import LocalStorage
 from models.loading import LoadedModel, RowCondition, load_model
+from tests.test_families import FAMILIES, VIDEO_FRAMES, _pipeline_output
 from worker.continuous import RunningBatch
 from worker.lora import BASE, AdapterBank, adaptable_layers, row_adapters
 from worker.sampling import generate
@@ -33,7 +34,12 @@ RANK, ALPHA = 4, 8.0
 
 
 def write_adapter(
-    path: Path, transformer: torch.nn.Module, seed: int, modules: list[str] | None = None, rank: int = RANK
+    path: Path,
+    transformer: torch.nn.Module,
+    seed: int,
+    modules: list[str] | None = None,
+    rank: int = RANK,
+    strength: float = 0.5,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A PEFT adapter directory with random weights strong enough to change the picture; returns them."""
     layers = adaptable_layers(transformer)
@@ -45,7 +51,7 @@ def write_adapter(
     for module in chosen:
         in_features, out_features = layers[module]
         a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        b = torch.randn(out_features, rank, generator=generator) * 0.5
+        b = torch.randn(out_features, rank, generator=generator) * strength
         weights[module] = (a, b)
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
@@ -218,3 +224,72 @@ def test_an_adapter_of_another_model_or_a_damaged_file_is_refused(
         read_adapter(tmp_path / "bad")
     with pytest.raises(LoraError, match="no such adapter"):
         read_adapter(tmp_path / "missing")
+
+
+def write_diffusers_adapter(path: Path, transformer: torch.nn.Module, seed: int, strength: float) -> None:
+    """The same kind of adapter as a diffusers LoRA file (keys transformer.<module>.lora_A.weight, no
+    alpha: diffusers then scales by 1), which the pipelines' load_lora_weights reads."""
+    weights = write_adapter(path / "peft", transformer, seed, strength=strength)
+    tensors = {}
+    for module, (a, b) in weights.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"transformer.{module}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(path / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.slow  # loads each text family's pipeline twice
+@pytest.mark.parametrize("key", ["pixart-alpha", "wan"])
+def test_text_families_rows_with_different_adapters_equal_their_pipeline_with_the_adapter(
+    key: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """PixArt: against PixArtAlphaPipeline with the adapter merged. Wan: against WanPipeline after its own
+    load_lora_weights of the same diffusers LoRA file (the reference the issue names)."""
+    pipeline_class, requests = FAMILIES[key]
+    model = load_model(key, model_dirs[key], CPU)
+    storage = LocalStorage(tmp_path / "storage")
+    applied = []
+    for name, seed in (("one", 5), ("two", 6)):
+        write_diffusers_adapter(tmp_path / name, model.transformer, seed, strength=2.0)
+        adapter = read_adapter(tmp_path / name)
+        info = info_for(key, name, adapter, str(tmp_path / name))
+        storage.put(info.key, adapter.weights, "application/octet-stream")
+        applied.append((AppliedLora.of(info, 1.0),))
+    rows = [(requests[0], ()), (requests[1], applied[0]), (requests[3], applied[1])]
+    adapters = row_adapters(AdapterBank(model.transformer, storage), [loras for _, loras in rows])
+    frames = VIDEO_FRAMES if model.kind == "video" else 1
+    pixels, _ = generate(
+        model,
+        [condition for (condition, _, _), _ in rows],
+        [seed for (_, seed, _), _ in rows],
+        [guidance for (_, _, guidance), _ in rows],
+        STEPS,
+        32,
+        32,
+        frames,
+        adapters=adapters,
+    )
+    ours = pixels.numpy().astype(int)
+    for k, ((condition, seed, guidance), loras) in enumerate(rows):
+        pipe = pipeline_class.from_pretrained(model_dirs[key])
+        pipe.set_progress_bar_config(disable=True)
+        if loras:  # the adapter changes this row: the base pipeline's output is another picture
+            base = _pipeline_output(pipe, condition, seed, guidance)
+            assert np.abs(ours[k] - base).max() > 10, f"{key} row {k}: the adapter changed nothing"
+            name = loras[0].name
+            if key == "wan":
+                pipe.load_lora_weights(str(tmp_path / name), weight_name="pytorch_lora_weights.safetensors")
+            else:
+                # a diffusers file without alpha scales by 1: merged() scales by ALPHA / RANK, so undo it
+                pipe.transformer = merged(pipe.transformer, [(_weights_of(tmp_path / name), RANK / ALPHA)])
+        expected = _pipeline_output(pipe, condition, seed, guidance)
+        diff = np.abs(ours[k] - expected).max()
+        assert diff <= MAX_PIXEL_DIFF, f"{key} row {k} is {diff}/255 off its pipeline with its adapter"
+
+
+def _weights_of(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    tensors = load_file(str(path / "pytorch_lora_weights.safetensors"))
+    modules = {key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in tensors}
+    return {
+        m: (tensors[f"transformer.{m}.lora_A.weight"], tensors[f"transformer.{m}.lora_B.weight"])
+        for m in modules
+    }
