@@ -293,3 +293,33 @@ def _weights_of(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         m: (tensors[f"transformer.{m}.lora_A.weight"], tensors[f"transformer.{m}.lora_B.weight"])
         for m in modules
     }
+
+
+@pytest.mark.slow  # two video models, three sampling runs
+def test_the_video_dit_mixes_adapters_per_row_across_its_frames(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The bundled video family's spatial blocks see one row per frame, its temporal blocks one per
+    patch: each layer's rows are repeated per forward row. Against our sampler on a merged copy."""
+    model = load_model("vid", model_dirs["vid"], CPU)
+    reference_model = load_model("vid", model_dirs["vid"], CPU)
+    storage = LocalStorage(tmp_path / "storage")
+    weights = write_adapter(tmp_path / "move", model.transformer, 7, strength=1.0)
+    adapter = read_adapter(tmp_path / "move")
+    info = info_for("vid", "move", adapter, str(tmp_path / "move"))
+    storage.put(info.key, adapter.weights, "application/octet-stream")
+    rows = [
+        (RowCondition(class_label=2), 31, ()),
+        (RowCondition(class_label=2), 31, (AppliedLora.of(info, 1.0),)),
+    ]
+    adapters = row_adapters(AdapterBank(model.transformer, storage), [loras for *_, loras in rows])
+    pixels, _ = generate(
+        model, [c for c, *_ in rows], [s for _, s, _ in rows], [4.0, 4.0], STEPS, 32, 32, 5, adapters=adapters
+    )
+    ours = pixels.numpy().astype(int)
+    plain, _ = generate(reference_model, [rows[0][0]], [31], [4.0], STEPS, 32, 32, 5)
+    reference_model.transformer = merged(reference_model.transformer, [(weights, 1.0)])
+    tinted, _ = generate(reference_model, [rows[1][0]], [31], [4.0], STEPS, 32, 32, 5)
+    assert np.abs(ours[0] - plain.numpy().astype(int)[0]).max() <= MAX_PIXEL_DIFF
+    assert np.abs(ours[1] - tinted.numpy().astype(int)[0]).max() <= MAX_PIXEL_DIFF
+    assert np.abs(ours[1] - ours[0]).max() > 10
