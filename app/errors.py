@@ -52,6 +52,10 @@ class Unauthorized(APIError):
     headers = {"WWW-Authenticate": "Bearer"}  # RFC 6750: the scheme the client should use
 
 
+class Forbidden(APIError):
+    status, code = 403, "forbidden"
+
+
 class UnsupportedMediaType(APIError):
     status, code = 415, "unsupported_media_type"
 

@@ -17,7 +17,7 @@ from app.metrics import APIMetrics, RequestMetrics
 from app.middleware import BodyLimit, RequestID
 from app.openapi import install_openapi
 from app.playground import install_playground
-from app.routes import events, generation, jobs, openai_images, openai_videos, system
+from app.routes import events, generation, jobs, loras, openai_images, openai_videos, system
 from app.webhook_sender import WebhookSender
 from dit_serve.config import Settings, get_settings
 from dit_serve.queueing import reap_lost_jobs
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         events.router,
         system.router,
+        loras.router,
     ):
         app.include_router(router)
     return app

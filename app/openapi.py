@@ -92,6 +92,8 @@ INVALID_SUBMISSION = DocumentedError(
         "invalid_idempotency_key",
         "webhook_url_forbidden",
         "no_webhook_secret",
+        "unsupported_cache",
+        "unknown_lora",
     ),
     "bad input, checked against the schema and then against the model (GET /v1/models); a webhook_url "
     "the service may not send to (`webhook_url_forbidden`: not https, or an address that is not public), "
@@ -109,6 +111,20 @@ LIMITED = DocumentedError(
             "schema": {"type": "integer", "minimum": 1},
         }
     },
+)
+ADMIN_ONLY = DocumentedError(403, ("admin_only",), "the route needs an admin API key")
+INVALID_LORA = DocumentedError(
+    422,
+    ("invalid_request", "invalid_json", "unknown_model", "invalid_lora", "lora_does_not_fit"),
+    "the body, the model, or the adapter at `source`: not readable by the server, not a LoRA this "
+    "server runs (`invalid_lora`), or trained for another base model (`lora_does_not_fit`)",
+)
+LORA_EXISTS = DocumentedError(
+    409, ("lora_exists",), "the model has an adapter of that name with other weights; delete it first"
+)
+LORA_NOT_FOUND = DocumentedError(404, ("lora_not_found",), "the model has no adapter of that name")
+NO_LAYERS = DocumentedError(
+    503, ("no_worker",), "no worker of the model has started since Redis was emptied: its layers are unknown"
 )
 REDIS_UNAVAILABLE = DocumentedError(
     503, ("redis_unavailable",), "the job store (Redis) is unreachable; retry later"

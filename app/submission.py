@@ -8,6 +8,7 @@ from app.errors import InvalidRequest, ServiceUnavailable
 from dit_serve.caching import CacheChoice, CachePolicy, resolve
 from dit_serve.contract import ClientOptions, ConditioningKind, JobKind, JobRequest, ModelSpec, WebhookEvent
 from dit_serve.labels import UnknownLabelError, label_id
+from dit_serve.loras import AppliedLora
 from dit_serve.schemas import MAX_SEED, GenerationRequest, ImageRequest, VideoRequest
 from dit_serve.webhook_guard import AllowList, Resolver, WebhookURLRefused, check_url, system_resolver
 
@@ -128,6 +129,24 @@ def _cache(
     return policy
 
 
+def _loras(request: GenerationRequest, spec: ModelSpec) -> list[AppliedLora]:
+    """The adapters the job applies, resolved from the model's registered ones."""
+    available = {info.name: info for info in spec.loras}
+    applied = []
+    for ref in request.loras or []:
+        info = available.get(ref.name)
+        if info is None:
+            offered = (
+                ", ".join(sorted(available))
+                or "none (an operator registers them with --lora or POST /v1/loras)"
+            )
+            raise InvalidRequest(
+                f"model {spec.name} has no LoRA adapter {ref.name!r}; its adapters: {offered}", "unknown_lora"
+            )
+        applied.append(AppliedLora.of(info, ref.scale))
+    return applied
+
+
 def normalise(
     request: ImageRequest | VideoRequest,
     kind: JobKind,
@@ -160,6 +179,7 @@ def normalise(
         num_frames=frames,
         fps=fps,
         cache=_cache(request, spec, cache_defaults or {}),
+        loras=_loras(request, spec),
     ).model_copy(update={"webhook_events": events})
 
 

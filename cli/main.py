@@ -88,6 +88,12 @@ COMMON_FLAGS = [
         "worker serves runs; off: each batch runs to its end first (DIT_INTERLEAVE, default on)",
     ),
     (
+        "--lora-memory-mb",
+        "lora_memory_mb",
+        "worker: the memory LoRA adapters may take per model; least recently used ones are unloaded past "
+        "it (DIT_LORA_MEMORY_MB, default 1024)",
+    ),
+    (
         "--metrics-port",
         "metrics_port",
         "port of a worker's Prometheus /metrics, 0 for none (DIT_METRICS_PORT, default 9400; `up` "
@@ -136,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="MODEL=POLICY",
             help="step caching for requests to MODEL that name none: none, auto (the model's measured "
             "policy), first_block, interval, or NAME,KNOB=VALUE,... (repeatable; DIT_CACHE as a JSON list)",
+        )
+        command.add_argument(
+            "--lora",
+            dest="lora",
+            action="append",
+            default=None,
+            metavar="MODEL:NAME=SOURCE",
+            help="worker: register a LoRA adapter of MODEL as NAME from a PEFT adapter directory or a "
+            "diffusers LoRA .safetensors file (repeatable; DIT_LORA as a JSON list)",
         )
     add_keys_parser(commands)
     add_generate_parser(commands)
@@ -244,6 +259,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {field: getattr(args, field) for _, field, _ in COMMON_FLAGS}
     overrides["models"] = args.models
     overrides["cache"] = args.cache
+    overrides["lora"] = args.lora
     return get_settings(**overrides)
 
 

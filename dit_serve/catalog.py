@@ -7,6 +7,7 @@ from redis import Redis
 
 from dit_serve.contract import ModelSpec
 from dit_serve.jobs import KEY_PREFIX
+from dit_serve.lora_registry import registered_all
 
 WORKERS_KEY = f"{KEY_PREFIX}:workers"  # sorted set: worker name -> unix time its registration expires
 SERVED_UNTIL_KEY = f"{KEY_PREFIX}:served-until"  # hash: model -> unix time its last live worker expires
@@ -43,14 +44,16 @@ def live_workers(redis: Redis) -> list[str]:
 
 
 def served_models(redis: Redis) -> dict[str, ModelSpec]:
-    """Every model some live worker serves, by name (the first worker's description wins)."""
+    """Every model some live worker serves, by name (the first worker's description wins), with the
+    LoRA adapters registered for it (dit_serve/lora_registry.py)."""
     names = live_workers(redis)
     payloads = redis.mget([worker_key(name) for name in names]) if names else []
     models: dict[str, ModelSpec] = {}
     for payload in payloads:
         for spec in json.loads(payload) if payload else []:
             models.setdefault(spec["name"], ModelSpec.model_validate(spec))
-    return models
+    adapters = registered_all(redis, list(models))
+    return {name: spec.model_copy(update={"loras": adapters[name]}) for name, spec in models.items()}
 
 
 def served_until(redis: Redis, model: str) -> float | None:

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     # Step caching a request gets when it names none, as MODEL=POLICY (dit_serve/caching.py's syntax:
     # none, auto, first_block, interval, or name,knob=value,...). A model not named: no caching.
     cache: list[str] = Field(default_factory=list)
+    # LoRA adapters a worker registers at start, as MODEL:NAME=SOURCE (dit_serve/loras.py), and the memory
+    # its loaded adapters may take per model (least recently used ones are unloaded past it).
+    lora: list[str] = Field(default_factory=list)
+    lora_memory_mb: int = Field(1024, ge=1)
     device: Device = Device.AUTO
     dtype: Dtype = Dtype.FP32  # weights and sampling dtype for every model of a worker
     compile: CompileMode = CompileMode.NONE

@@ -23,13 +23,14 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dit_serve.caching import CachePolicy
+from dit_serve.loras import AppliedLora, LoraInfo
 
 # The newest job schema this code writes and understands. Bump it with every field a request gains:
 # an older worker (its JobRequest forbids unknown fields) then leaves the new jobs queued for an
 # upgraded worker instead of failing them as invalid_job. 1: the first contract; 2: `priority`
 # (issue 15), `webhook_url` and `webhook_events` (issue 16); 3: `previews` (issue 17); 4: `cache`
-# (issue 18).
-SCHEMA_VERSION = 4
+# (issue 18); 5: `loras` (issue 19).
+SCHEMA_VERSION = 5
 MAX_QUEUE_TIMEOUT_S = 86_400
 MAX_WEBHOOK_URL_CHARS = 2048
 MAX_PREVIEW_EVERY = 1000  # previews: at most one every this many steps (more steps than any job has)
@@ -124,6 +125,11 @@ class ModelSpec(BaseModel):
         description='what cache: "auto" runs: the policy measured on this model to keep its quality '
         "(`dit-serve eval --cache`); null: auto means no caching",
     )
+    loras: list[LoraInfo] = Field(
+        default_factory=list,
+        description="the LoRA adapters a request's `loras` may name (registered with --lora or "
+        "POST /v1/loras)",
+    )
 
 
 class ClientOptions(BaseModel):
@@ -202,6 +208,7 @@ class JobRequest(ClientOptions):
     output_format: OutputFormat
     num_frames: int = Field(1, ge=1)  # 1 for images
     cache: CachePolicy | None = None  # step caching, resolved by the API; None: every step runs
+    loras: list[AppliedLora] = []  # LoRA adapters, resolved by the API from the registry
     fps: int | None = None  # videos only
 
     @model_validator(mode="after")

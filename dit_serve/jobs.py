@@ -232,6 +232,7 @@ def outputs_json(outputs: list[OutputRecord]) -> str:
 # Error codes a worker fails a job with (a job's `error.code`).
 SAMPLING_FAILED = "sampling_failed"
 STORAGE_FAILED = "storage_failed"
+LORA_UNAVAILABLE = "lora_unavailable"  # an adapter the job names was removed, or its weights are unreadable
 INVALID_JOB = "invalid_job"  # a record this worker cannot read (damaged); a newer one is left queued
 NO_WORKER = "no_worker"  # failed by the reaper: no live worker has served its model for too long
 QUEUE_TIMEOUT = "queue_timeout"  # not started within the request's queue_timeout_s
@@ -252,6 +253,14 @@ STORAGE_FAILED_ERROR = JobError(
     message=(
         "the outputs were generated but could not be stored; it was logged on the worker with the "
         "job id. Retry later; if it keeps failing, the operator should check the output storage"
+    ),
+)
+LORA_UNAVAILABLE_ERROR = JobError(
+    code=LORA_UNAVAILABLE,
+    message=(
+        "a LoRA adapter this job names could not be loaded: it was removed after the job was accepted, "
+        "or its stored weights are unreadable (logged on the worker with the job id). Check GET /v1/models "
+        "for the model's adapters and submit the request again"
     ),
 )
 INVALID_JOB_ERROR = JobError(

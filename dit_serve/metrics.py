@@ -4,7 +4,7 @@ Histogram buckets are sized to the work: HTTP answers in milliseconds (up to a 6
 denoising step or one stage of a batch from 1 ms to minutes, a whole job from 10 ms to a 30 min video.
 """
 
-from dit_serve.jobs import SAMPLING_FAILED, STORAGE_FAILED
+from dit_serve.jobs import LORA_UNAVAILABLE, SAMPLING_FAILED, STORAGE_FAILED
 
 HTTP_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STAGE_SECONDS_BUCKETS = (
@@ -22,4 +22,4 @@ DEFAULT_WORKER_METRICS_PORT = 9400
 # with; every combination is exported from the start (at 0), so dashboards and alerts see a series
 # before the first failure.
 FINISHED_STATUSES = ("completed", "failed", "canceled")
-WORKER_ERROR_CODES = (SAMPLING_FAILED, STORAGE_FAILED)
+WORKER_ERROR_CODES = (SAMPLING_FAILED, STORAGE_FAILED, LORA_UNAVAILABLE)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from dit_serve.caching import CachePolicy
 from dit_serve.contract import ClientOptions, JobRequest, ModelSpec
 from dit_serve.jobs import JobError
+from dit_serve.loras import MAX_LORAS_PER_REQUEST, NAME_PATTERN, LoraInfo, LoraRef
 from dit_serve.webhooks import WebhookDelivery
 
 MAX_OUTPUTS = 8
@@ -76,10 +77,20 @@ class GenerationRequest(ClientOptions):
         "which is none unless the operator set one",
     )
 
+    loras: list[LoraRef] | None = Field(
+        None,
+        max_length=MAX_LORAS_PER_REQUEST,
+        description="LoRA adapters of the model to apply (GET /v1/models: `loras`), each with a scale 0-2; "
+        "rows with different adapters share a batch. Default: none",
+    )
+
     @model_validator(mode="after")
     def _one_condition(self) -> "GenerationRequest":
         if (self.prompt is None) == (self.class_labels is None):
             raise ValueError("give exactly one of prompt or class_labels")
+        names = [lora.name for lora in self.loras or []]
+        if len(set(names)) != len(names):
+            raise ValueError("loras names an adapter twice; give each once, with its scale")
         return self
 
 
@@ -132,6 +143,26 @@ class JobBody(BaseModel):
         description="with a webhook_url: the delivery of each event sent so far (started, progress: the "
         "latest, completed: the final state), with its attempts; empty otherwise"
     )
+
+
+class LoraRegistration(BaseModel):
+    """POST /v1/loras: register an adapter of a served model from files the server can read."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(min_length=1, max_length=200, description="the served base model")
+    name: str = Field(pattern=NAME_PATTERN, description="its name for requests' `loras`")
+    source: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or a "
+        "diffusers LoRA .safetensors file, as a path on the API's host",
+    )
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraInfo]
 
 
 class ModelList(BaseModel):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from dit_serve.caching import CachePolicy
 from dit_serve.contract import JobKind, JobRequest
+from dit_serve.loras import AppliedLora
 from models.families.base import RowCondition
 from worker.sampling import NO_GUIDANCE_AT_OR_BELOW
 
@@ -99,6 +100,7 @@ class JobTicket(JobHandle):
                 ),
                 request.guidance_scale,
                 request.cache,
+                tuple(request.loras),
             )
             for k in range(request.n)
         ]
@@ -114,6 +116,7 @@ class SampleRow:
     condition: RowCondition
     guidance_scale: float
     cache: CachePolicy | None = None  # step caching, decided per row (worker/step_cache.py)
+    loras: tuple[AppliedLora, ...] = ()  # LoRA adapters, mixed per row (worker/lora.py)
 
 
 @dataclass

@@ -10,10 +10,14 @@ own seed, condition and guidance, so it is the same whether it ran alone, in a s
 joined this one mid-flight.
 """
 
+from contextlib import nullcontext
+
 import torch
 
 from dit_serve.caching import CachePolicy
+from dit_serve.loras import AppliedLora
 from models.families.base import Conditioning, LoadedModel, RowCondition
+from worker.lora import BASE, AdapterBank
 from worker.sampling import cfg_denoise, guided_rows, initial_noise, select_rows
 from worker.solvers.base import History, UnsupportedScheduler
 from worker.solvers.registry import row_solver
@@ -27,8 +31,19 @@ class RunningBatch:
     every row is known by the id `add` returned.
     """
 
-    def __init__(self, model: LoadedModel, steps: int, width: int, height: int, frames: int = 1):
+    def __init__(
+        self,
+        model: LoadedModel,
+        steps: int,
+        width: int,
+        height: int,
+        frames: int = 1,
+        bank: AdapterBank | None = None,
+    ):
+        """`bank`: where rows' LoRA adapters are loaded (worker/lora.py); None: rows take none."""
         self.model = model
+        self.bank = bank
+        self.adapter_names: list[str] = []  # (N,) each row's PEFT adapter
         self.steps = steps
         self.shape = model.latent_shape(width, height, frames)
         self.solver = row_solver(model.scheduler, steps)
@@ -52,13 +67,20 @@ class RunningBatch:
         seeds: list[int],
         guidance_scales: list[float],
         caches: list[CachePolicy | None] | None = None,
+        loras: list[tuple[AppliedLora, ...]] | None = None,
     ) -> list[int]:
-        """New rows at step 0 (their noise drawn from their seeds, their step caching from `caches`);
-        returns their ids."""
+        """New rows at step 0 (their noise drawn from their seeds, their step caching from `caches`, their
+        LoRA adapters from `loras`); returns their ids."""
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         latents = initial_noise(generators, self.shape, self.model.device)
         cond, uncond = self.model.conditions(conditions)
         guidance = torch.tensor(guidance_scales, dtype=torch.float32, device=self.model.device)
+        if loras and any(loras):
+            if self.bank is None:
+                raise ValueError("rows with LoRA adapters need the batch's AdapterBank")
+            names = self.bank.names_for(loras, keep=set(self.adapter_names))
+        else:
+            names = [BASE] * len(seeds)
         ids = list(range(self._next_id, self._next_id + len(seeds)))
         self._next_id += len(seeds)
         self.caches.add(ids, caches or [None] * len(ids))
@@ -72,6 +94,7 @@ class RunningBatch:
         self.cond = _cat(self.cond, cond)
         self.uncond = _cat(self.uncond, uncond)
         self.guidance = torch.cat([self.guidance, guidance])
+        self.adapter_names += names
         return ids
 
     def step(self) -> None:
@@ -79,7 +102,9 @@ class RunningBatch:
         t = self.solver.timesteps[self.positions].to(self.latents.device)  # (N,)
         guided = guided_rows(self.guidance)
         cache = step_cache(self.model) if self.caches else None
-        with planned(cache, self.caches, self.ids, guided, self.positions.tolist(), self.steps):
+        names = self.adapter_names
+        lora = self.bank.forward(names + [names[g] for g in guided.tolist()]) if self.bank else nullcontext()
+        with planned(cache, self.caches, self.ids, guided, self.positions.tolist(), self.steps), lora:
             pred = cfg_denoise(
                 self.model.predict, self.latents, t, self.cond, self.uncond, self.guidance, guided
             )
@@ -114,6 +139,9 @@ class RunningBatch:
         gone = set(ids)
         self.caches.drop(ids)
         keep = torch.tensor([row not in gone for row in self.ids], dtype=torch.bool)
+        self.adapter_names = [
+            name for row, name in zip(self.ids, self.adapter_names, strict=True) if row not in gone
+        ]
         self.ids = [row for row in self.ids if row not in gone]
         self.positions = self.positions[keep]
         device_keep = keep.to(self.latents.device)

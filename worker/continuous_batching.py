@@ -24,6 +24,7 @@ from worker.batching import JobTicket
 from worker.continuous import RunningBatch
 from worker.interleave import Interleaver, no_interleaving
 from worker.ledger import JobLedger
+from worker.lora import adapter_bank
 from worker.previews import previews_due
 from worker.queue import new_execution_id
 from worker.stages import DECODE
@@ -86,7 +87,12 @@ class ContinuousRun:
         self.jobs.update((ticket.job_id, ticket) for ticket in tickets)
         try:
             self.batch = RunningBatch(
-                self.model, request.num_inference_steps, request.width, request.height, request.num_frames
+                self.model,
+                request.num_inference_steps,
+                request.width,
+                request.height,
+                request.num_frames,
+                adapter_bank(self.model.transformer, self.ledger.storage),
             )
             self._admit(tickets)
             self._tell_running()
@@ -136,6 +142,7 @@ class ContinuousRun:
                 [row.seed for row in rows],
                 [row.guidance_scale for row in rows],
                 [row.cache for row in rows],
+                [row.loras for row in rows],
             )
             self.owners.update(
                 {row_id: (ticket.job_id, row.index) for row_id, row in zip(ids, rows, strict=True)}

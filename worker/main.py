@@ -10,15 +10,18 @@ import torch
 from redis import Redis
 
 from dit_serve.config import Batching, Device, Dtype, Settings
-from dit_serve.storage import storage_from_settings
+from dit_serve.loras import parse_lora_flag
+from dit_serve.storage import Storage, storage_from_settings
 from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 from models.loading import LoadedModel, ModelLoadError, load_model
 from models.sources import resolve_source
 from worker.acceleration import accelerate
+from worker.lora import adapter_bank, publish_layers, register_at_start
 from worker.metrics import WorkerMetrics
 from worker.runner import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
+MB = 1024 * 1024
 
 # Well above the worker's longest blocking call (a 1 s wait on the wake list); redis-py's default is 5 s.
 REDIS_SOCKET_TIMEOUT_S = 10.0
@@ -81,6 +84,22 @@ def load_models(settings: Settings, device: torch.device) -> dict[str, LoadedMod
     return models
 
 
+def set_up_adapters(
+    settings: Settings, redis: Redis, storage: Storage, models: dict[str, LoadedModel]
+) -> None:
+    """Each model's LoRA bank with the memory cap, its layers published, and --lora's adapters registered."""
+    for name, model in models.items():
+        adapter_bank(model.transformer, storage, settings.lora_memory_mb * MB)
+        publish_layers(redis, name, model.transformer)
+    for entry in settings.lora:
+        model_name, adapter_name, source = parse_lora_flag(entry)
+        if model_name not in models:
+            raise SystemExit(
+                f"--lora {entry}: this worker serves no model {model_name!r} ({', '.join(models)})"
+            )
+        register_at_start(redis, storage, model_name, models[model_name].transformer, adapter_name, source)
+
+
 def run_worker(settings: Settings) -> None:
     """Start a worker process and block until it is told to stop."""
     if not settings.redis_url:
@@ -120,6 +139,7 @@ def run_worker(settings: Settings) -> None:
         interleave=settings.interleave,
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    set_up_adapters(settings, redis, storage, models)
     worker = Worker(config, redis, models, storage, metrics)
 
     def stop(signum: int, _frame: object) -> None:

@@ -14,6 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from models.families.base import Conditioning, LoadedModel, RowCondition
 from worker.clean import predicted_clean
+from worker.lora import RowAdapters, adapters_context
 from worker.stages import CONDITIONS, DECODE, SAMPLING, StageTimer, untimed
 from worker.step_cache import RowCaches, StepCache, planned, step_cache
 
@@ -121,6 +122,7 @@ def sample(
     on_clean: CleanCallback | None = None,
     cache: StepCache | None = None,
     caches: RowCaches | None = None,
+    adapters: RowAdapters | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the whole denoising loop for a batch.
 
@@ -136,6 +138,7 @@ def sample(
         on_clean: called after every step with a way to get the predicted clean latents.
         cache: the model's step cache, and `caches` the rows' (by input index): rows with a policy may
             reuse their block residuals (worker/step_cache.py).
+        adapters: each input row's LoRA adapter (worker/lora.py); None: the base model for all.
 
     Returns:
         (M, C, *S) denoised latents of the rows that finished, and (M,) their indices into the input.
@@ -149,7 +152,11 @@ def sample(
     for step, t in enumerate(timesteps):
         x = scheduler.scale_model_input(latents, t)  # (M, C, *S)
         t_rows = t.reshape(1).expand(x.shape[0]).to(x.device)  # (M,)
-        with planned(cache, caches, rows.tolist(), guided, [step] * len(rows), len(timesteps)):
+        live = rows.tolist()
+        with (
+            planned(cache, caches, live, guided, [step] * len(live), len(timesteps)),
+            adapters_context(adapters, live, guided),
+        ):
             pred = cfg_denoise(predict, x, t_rows, cond, uncond, guidance_scale, guided)
         out = scheduler.step(pred, t, latents)
         if on_clean is not None:
@@ -189,11 +196,13 @@ def generate(
     timer: StageTimer = untimed,
     on_clean: CleanCallback | None = None,
     caches: RowCaches | None = None,
+    adapters: RowAdapters | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise, conditions, the guided loop and decoding for one batch of rows of one model.
 
     `timer` wraps each stage (conditions, sampling, decode), for the worker's metrics. `caches` holds
-    the rows' step-caching policies (RowCaches.of), and after the call what they skipped.
+    the rows' step-caching policies (RowCaches.of), and after the call what they skipped; `adapters` their
+    LoRA adapters (worker/lora.py).
 
     Returns:
         (M, H, W, 3) or (M, F, H, W, 3) uint8 pixels of the rows that finished, and (M,) their indices.
@@ -216,6 +225,7 @@ def generate(
             on_clean,
             step_cache(model) if caches else None,
             caches,
+            adapters,
         )
     if rows.numel() == 0:
         return torch.empty(0, dtype=torch.uint8), rows

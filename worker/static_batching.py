@@ -14,13 +14,14 @@ import torch
 from redis.exceptions import RedisError
 
 from dit_serve.events import PreviewEvent
-from dit_serve.jobs import SAMPLING_FAILED_ERROR
+from dit_serve.jobs import LORA_UNAVAILABLE_ERROR, SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.fill_window import FillWindow
 from worker.interleave import Interleaver, no_interleaving
 from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
+from worker.lora import LoraUnavailable, adapter_bank, row_adapters
 from worker.metrics import WorkerMetrics
 from worker.previews import previews_due
 from worker.sampling import generate
@@ -119,8 +120,9 @@ class StaticBatching:
                 jobs,
                 exc_info=exc,
             )
+            error = LORA_UNAVAILABLE_ERROR if isinstance(exc, LoraUnavailable) else SAMPLING_FAILED_ERROR
             for ticket in tickets:
-                self.ledger.fail(ticket, SAMPLING_FAILED_ERROR)
+                self.ledger.fail(ticket, error)
             return
         groups = retry_groups(tickets, exc)
         log.warning(
@@ -179,6 +181,10 @@ class StaticBatching:
 
         spent: dict[str, float] = {}
         caches = RowCaches.of([row.cache for row in batch.rows])
+        loras = [row.loras for row in batch.rows]
+        adapters = row_adapters(
+            adapter_bank(model.transformer, self.ledger.storage) if any(loras) else None, loras
+        )
         pixels_out, rows = generate(
             model,
             [row.condition for row in batch.rows],
@@ -192,6 +198,7 @@ class StaticBatching:
             timer=self.metrics.timer(model.name, model.kind, spent, self.interleaver.clock),
             on_clean=on_clean,
             caches=caches,
+            adapters=adapters,
         )
         self.metrics.stepped(model.name, model.kind, rows_per_step, spent[SAMPLING])
         if caches:
