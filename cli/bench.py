@@ -19,6 +19,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "batching": ("bench.compare_batching", "static against continuous batching at Poisson loads"),
     "mixed": ("bench.mixed", "images alone, then with videos on the same worker: the image p99 ratio"),
     "cache": ("bench.cache", "step caching: each policy's speed-up over none on the bundled models"),
+    "lora": (
+        "bench.lora",
+        "16 rows with 4 LoRA adapters in one batch, against one adapter and separate batches",
+    ),
 }
 
 

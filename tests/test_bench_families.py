@@ -31,3 +31,19 @@ def test_tiny_family_benchmark_reports_every_model_and_batch(tmp_path: Path) -> 
         expected = row["seconds"] + (row["default_steps"] - 2) * row["step_seconds"]
         assert abs(row["default_steps_seconds"] - expected) < 0.02
     assert "| wan2.1-1.3b-480p | 2 | 64x48 × 5 |" in done.stdout
+
+
+def test_lora_benchmark_reports_every_way_and_the_ratios(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """`dit-serve bench lora`, tiny: one step, one round, on the tiny image model."""
+    out = tmp_path / "lora.json"
+    command = [sys.executable, "-m", "cli", "bench", "lora", "--model-dir", str(model_dirs["img"])]
+    command += ["--steps", "1", "--rounds", "1", "--rows", "8", "--adapters", "4", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    ways = ["base", "one adapter", "mixed", "separate", "base, separate"]
+    assert list(record["images_per_s"]) == ways and all(v > 0 for v in record["images_per_s"].values())
+    assert record["mixed_over_one"] == pytest.approx(
+        record["images_per_s"]["mixed"] / record["images_per_s"]["one adapter"], abs=1e-2
+    )
+    assert "mixed ÷ separate" in done.stdout
