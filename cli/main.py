@@ -161,9 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "model",
-        choices=["image", "video", "judge"],
-        help="image: VAE + image DiT; video: video DiT; judge: eval classifier",
+        choices=["image", "video", "judge", "lora"],
+        help="image: VAE + image DiT; video: video DiT; judge: eval classifier; lora: a style adapter on "
+        "the image model (--style)",
     )
+    train.add_argument(
+        "--base",
+        default="dit-shapes-image",
+        help="lora: the base model, the bundled image model's name or a model directory",
+    )
+    train.add_argument("--style", default="outline", help="lora: the style the adapter draws (outline)")
+    train.add_argument("--steps", type=int, default=None, help="lora: training steps (default: the recipe's)")
     train.add_argument("--out-dir", default=None, help="where to write the model (default: models/bundled)")
     train.add_argument(
         "--device", default="cpu", help="cpu (the recorded recipe) or cuda (same data and noise)"
@@ -187,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache",
         action="store_true",
         help="score every step-caching policy against cache none (the guardrail for a model's auto)",
+    )
+    evaluate.add_argument(
+        "--lora",
+        default=None,
+        metavar="DIR",
+        help="score a style adapter (a PEFT directory) on the image model: hollowness and label accuracy "
+        "with and without it",
     )
     evaluate.add_argument(
         "--video-every",
@@ -216,6 +231,18 @@ def run_train(args: argparse.Namespace) -> None:
         return
     import torch
 
+    if args.model == "lora":
+        from dataclasses import replace
+
+        from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME
+        from models.training.lora import LORA_RECIPE, train_lora
+
+        base = IMAGE_MODEL_DIR if args.base == IMAGE_MODEL_NAME else Path(args.base)
+        recipe = replace(LORA_RECIPE, steps=args.steps) if args.steps else LORA_RECIPE
+        out = Path(args.out_dir) / args.style if args.out_dir else None
+        path = train_lora(args.style, base, out, recipe, torch.device(args.device))
+        print(f"adapter written to {path}; serve it with --lora {IMAGE_MODEL_NAME}:{args.style}={path}")
+        return
     out_dir = Path(args.out_dir) if args.out_dir else BUNDLED_DIR
     (train_image_model if args.model == "image" else train_video_model)(out_dir, torch.device(args.device))
 
@@ -233,6 +260,13 @@ def run_evaluation(args: argparse.Namespace) -> None:
     if args.kind in ("video", "both") and not (video_dir / "model_index.json").is_file():
         print(f"no video model at {video_dir} (`dit-serve train video` makes one); evaluating images only")
         args.kind = "image"
+    if args.lora:
+        from evaluation.lora import run_lora_eval
+        from evaluation.run import load_class_model
+
+        model = load_class_model("image", image_dir, torch.device(args.device))
+        run_lora_eval(model, Path(args.lora), args.per_label, Path(args.json) if args.json else None)
+        return
     if args.cache:
         from evaluation.cache import run_cache_eval
 

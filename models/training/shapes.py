@@ -26,6 +26,9 @@ IMAGE_HALF_SIZE = (5.0, 11.0)  # shape half-extent in pixels, uniform
 VIDEO_HALF_SIZE = (4.0, 7.0)
 VIDEO_SPEED = (0.6, 1.0)  # pixels per frame
 EDGE_MARGIN = 1.0
+FILLED, OUTLINE = "filled", "outline"
+STYLES = (FILLED, OUTLINE)
+OUTLINE_WIDTH = 2.5  # pixels: the outline style draws the shape's border this thick, its inside empty
 
 
 def image_labels() -> list[str]:
@@ -66,23 +69,29 @@ def _mask(spec: ShapeSpec) -> np.ndarray:
     return inside.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
 
 
-def render(spec: ShapeSpec) -> np.ndarray:
-    """One RGB frame, (H, W, 3) uint8."""
-    alpha = _mask(spec)[..., None]  # (H, W, 1)
+def render(spec: ShapeSpec, style: str = FILLED) -> np.ndarray:
+    """One RGB frame, (H, W, 3) uint8: the shape filled, or (OUTLINE) only its border."""
+    alpha = _mask(spec)  # (H, W)
+    if style == OUTLINE:
+        inner = ShapeSpec(spec.shape, spec.colour, spec.cx, spec.cy, max(spec.half - OUTLINE_WIDTH, 0.0))
+        alpha = np.clip(alpha - _mask(inner), 0.0, 1.0)
+    elif style != FILLED:
+        raise ValueError(f"unknown style {style!r}; styles: {', '.join(STYLES)}")
+    alpha = alpha[..., None]  # (H, W, 1)
     colour = np.array(COLOURS[spec.colour], dtype=np.float64)
     background = np.array(BACKGROUND, dtype=np.float64)
     return np.round(alpha * colour + (1 - alpha) * background).astype(np.uint8)
 
 
 def random_image(
-    rng: np.random.Generator, half_size: tuple[float, float] = IMAGE_HALF_SIZE
+    rng: np.random.Generator, half_size: tuple[float, float] = IMAGE_HALF_SIZE, style: str = FILLED
 ) -> tuple[np.ndarray, int]:
     """A random still: (H, W, 3) uint8 and its class id in image_labels()."""
     label = int(rng.integers(len(COLOURS) * len(SHAPES)))
     colour, shape = list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
     half = rng.uniform(*half_size)
     lo, hi = half + EDGE_MARGIN, IMAGE_SIZE - half - EDGE_MARGIN
-    return render(ShapeSpec(shape, colour, rng.uniform(lo, hi), rng.uniform(lo, hi), half)), label
+    return render(ShapeSpec(shape, colour, rng.uniform(lo, hi), rng.uniform(lo, hi), half), style), label
 
 
 def random_video(rng: np.random.Generator, num_frames: int = NUM_FRAMES) -> tuple[np.ndarray, int]:
@@ -106,10 +115,10 @@ def random_video(rng: np.random.Generator, num_frames: int = NUM_FRAMES) -> tupl
 
 
 def image_batch(
-    rng: np.random.Generator, size: int, half_size: tuple[float, float] = IMAGE_HALF_SIZE
+    rng: np.random.Generator, size: int, half_size: tuple[float, float] = IMAGE_HALF_SIZE, style: str = FILLED
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W, 3) uint8 and (N,) class ids."""
-    pairs = [random_image(rng, half_size) for _ in range(size)]
+    pairs = [random_image(rng, half_size, style) for _ in range(size)]
     return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
 

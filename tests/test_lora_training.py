@@ -1,0 +1,55 @@
+"""The demo adapter's pieces: the outline style and its measure (evaluation/style.py), `dit-serve train
+lora` on a tiny base writing an adapter the server reads, and `dit-serve eval --lora` scoring it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dit_serve.loras import check_fits, read_adapter
+from evaluation.classifier import classify, load_classifier
+from evaluation.lora import SCALES, evaluate_lora
+from evaluation.style import HOLLOW, as_judged, hollowness
+from models.loading import load_model
+from models.training import shapes
+from worker.lora import adaptable_layers
+
+
+def test_outlines_are_hollow_and_judged_by_what_they_enclose() -> None:
+    classifier = load_classifier()
+    filled, labels = shapes.image_batch(np.random.default_rng(1), 96)
+    outline, outline_labels = shapes.image_batch(np.random.default_rng(1), 96, style=shapes.OUTLINE)
+    assert (labels == outline_labels).all()  # the same shapes, drawn two ways
+    assert hollowness(filled).max() == 0.0 and hollowness(outline).min() >= HOLLOW
+    assert (as_judged(filled) == filled).all()  # a filled shape is judged as drawn
+    assert (classify(as_judged(outline), classifier) == labels).mean() >= 0.98
+    # the judge never saw outlines: as drawn, it reads fewer of them
+    assert (classify(outline, classifier) == labels).mean() < 0.95
+    with pytest.raises(ValueError, match="unknown style"):
+        shapes.render(shapes.ShapeSpec("circle", "red", 16, 16, 8), "dotted")
+
+
+@pytest.mark.slow  # trains (3 steps) in a process, then samples 72 images
+def test_train_lora_writes_an_adapter_the_server_reads_and_the_eval_scores(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "cli", "train", "lora", "--base", str(model_dirs["img"]), "--style"]
+    command += ["outline", "--steps", "3", "--out-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter_dir = tmp_path / "outline"
+    assert f"--lora dit-shapes-image:outline={adapter_dir}" in done.stdout
+    record = json.loads((adapter_dir / "training.json").read_text())
+    assert record["steps"] == 3 and record["style"] == "outline" and record["rank"] == 8
+    model = load_model("img", model_dirs["img"], torch.device("cpu"))
+    adapter = read_adapter(adapter_dir)
+    check_fits(adapter, adaptable_layers(model.transformer), "img")  # a PEFT directory of this base
+    assert adapter.rank == 8 and len(adapter.weights) < 2 * 1024 * 1024
+    with torch.inference_mode():
+        rows = evaluate_lora(model, adapter_dir, 1)  # type: ignore[arg-type]
+    assert [row.scale for row in rows] == list(SCALES) and all(row.samples == 24 for row in rows)
+    assert all(0 <= row.hollowness <= 1 and 0 <= row.label_accuracy <= 1 for row in rows)
