@@ -20,6 +20,7 @@ from redis import Redis
 from dit_serve.catalog import publish_worker
 from dit_serve.contract import ConditioningKind, JobKind, ModelDefaults, ModelSpec
 from dit_serve.keys import create_key
+from dit_serve.lora_registry import publish_targets
 from tests.conftest import api_without_workers
 from tests.schemathesis_hooks import API_ENV, KEY_ENV
 from tests.test_contract import SPEC
@@ -72,6 +73,11 @@ include-method = "POST"
 include-path-regex = "^/v1/(images|videos|images/generations)$"
 checks.positive_data_acceptance.expected-statuses = {ACCEPTED + ["400", "422"]}
 
+# POST /v1/loras: a schema-valid body names a model and a path on the server; any other is a 422.
+[[operations]]
+include-method = "POST"
+include-path = "/v1/loras"
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED + ["422"]}
 # `after` must name a job of this very listing: a schema-valid string that names none is a 422.
 [[operations]]
 include-method = "GET"
@@ -117,7 +123,11 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(redis_url: s
     ) as svc:
         redis = Redis.from_url(redis_url)
         publish_worker(redis, "registered-video", [VIDEO_SPEC], ttl_s=600)
-        _, secret = create_key(redis, "fuzz")
+        for spec in (SPEC, VIDEO_SPEC):  # what their workers would publish: POST /v1/loras reads files
+            publish_targets(redis, spec.name, {"blocks.0.attn.to_q": (8, 8)})
+        # an admin key: DELETE /v1/loras/{model}/{name} answers only 403 to any other (and then schemathesis
+        # rightly warns that it never got past authentication)
+        _, secret = create_key(redis, "fuzz", admin=True)
         config, requests = tmp_path / "schemathesis.toml", tmp_path / "requests.ndjson"
         config.write_text(CONFIG)
         run = subprocess.run(

@@ -10,9 +10,9 @@ import torch
 from redis import Redis
 
 from dit_serve.config import Batching, Device, Dtype, Settings
-from dit_serve.loras import parse_lora_flag
+from dit_serve.loras import PEFT_WEIGHTS, parse_lora_flag
 from dit_serve.storage import Storage, storage_from_settings
-from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
+from models.bundled import BUNDLED_LORAS, IMAGE_MODEL_DIR, IMAGE_MODEL_NAME, VIDEO_MODEL_DIR, VIDEO_MODEL_NAME
 from models.loading import LoadedModel, ModelLoadError, load_model
 from models.sources import resolve_source
 from worker.acceleration import accelerate
@@ -87,11 +87,20 @@ def load_models(settings: Settings, device: torch.device) -> dict[str, LoadedMod
 def set_up_adapters(
     settings: Settings, redis: Redis, storage: Storage, models: dict[str, LoadedModel]
 ) -> None:
-    """Each model's LoRA bank with the memory cap, its layers published, and --lora's adapters registered."""
+    """Each model's LoRA bank with the memory cap, its layers published, and --lora's adapters registered
+    (with the bundled models, the shipped ones too: models/bundled/loras)."""
     for name, model in models.items():
         adapter_bank(model.transformer, storage, settings.lora_memory_mb * MB)
         publish_layers(redis, name, model.transformer)
-    for entry in settings.lora:
+    entries = list(settings.lora)
+    if not settings.models:  # the bundled models, and the adapters shipped with them
+        entries += [
+            f"{model}:{name}={path}"
+            for model, adapters in BUNDLED_LORAS.items()
+            for name, path in adapters.items()
+            if (path / PEFT_WEIGHTS).is_file()
+        ]
+    for entry in entries:
         model_name, adapter_name, source = parse_lora_flag(entry)
         if model_name not in models:
             raise SystemExit(

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
-from models.bundled import BUNDLED_DIR, IMAGE_MODEL_DIR
+from models.bundled import IMAGE_MODEL_DIR, LORAS_DIR
 from models.training import shapes
 from models.training.train import (
     CPU,
@@ -33,7 +33,6 @@ RANK = 8
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 # Measured on 2 CPU cores: about 0.25 s a step at batch 32 (the frozen base still runs forward and back).
 LORA_RECIPE = Recipe(steps=2400, batch_size=32, learning_rate=1e-3, seed=4, warmup_steps=100)
-LORAS_DIR = BUNDLED_DIR / "loras"
 ADAPTER_NAME = "default"
 
 log = logging.getLogger(__name__)
