@@ -72,8 +72,11 @@ def test_up_serves_default_models_with_embedded_redis_and_stops_cleanly(tmp_path
             assert time.monotonic() < deadline, "dit-serve up never became ready"
             time.sleep(0.2)
         with httpx.Client(base_url=base, timeout=30) as client:
-            names = {model["name"] for model in client.get("/v1/models").json()["data"]}
-            assert names == {"dit-shapes-image", "dit-shapes-video"}
+            models = {model["name"]: model for model in client.get("/v1/models").json()["data"]}
+            assert set(models) == {"dit-shapes-image", "dit-shapes-video"}
+            # the shipped adapter comes with the bundled image model (models/bundled/loras)
+            assert [lora["name"] for lora in models["dit-shapes-image"]["loras"]] == ["outline"]
+            assert models["dit-shapes-video"]["loras"] == []
             image = client.post("/v1/images", json={"prompt": "red circle", "seed": 0}).json()
             video = client.post("/v1/videos", json={"prompt": "green square moving up", "seed": 0}).json()
             image = wait_for_status(client, image["id"], {"completed", "failed"})
