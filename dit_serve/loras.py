@@ -69,7 +69,7 @@ class LoraInfo(BaseModel):
     bytes: int
     digest: str = Field(description="sha256 of its weights file")
     key: str = Field(description="where the shared storage keeps its weights")
-    source: str = Field(description="what it was registered from")
+    source: str = Field(description="what it was registered from (shown to admin keys only, else empty)")
     registered_at: float
 
 
@@ -95,6 +95,11 @@ class AppliedLora(BaseModel):
             alpha=info.alpha,
             rslora=info.rslora,
         )
+
+
+def shown_to(info: LoraInfo, admin: bool) -> LoraInfo:
+    """The entry as a caller sees it: where it was read from on the server is for admins only."""
+    return info if admin else info.model_copy(update={"source": ""})
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ def test_jobs_with_different_adapters_share_one_batch(lora_service: tuple[Servic
     with _client(svc, keys["app"]) as http:
         (model,) = [m for m in http.get("/v1/models").json()["data"] if m["name"] == "img"]
         assert [lora["name"] for lora in model["loras"]] == ["blue", "red"]
+        assert all(lora["source"] == "" for lora in model["loras"])  # server paths are for admins
         assert all(
             lora["rank"] == 4 and lora["layers"] > 0 and len(lora["digest"]) == 64 for lora in model["loras"]
         )

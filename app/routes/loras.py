@@ -28,7 +28,7 @@ from app.openapi import (
 )
 from dit_serve.catalog import served_models
 from dit_serve.lora_registry import read_targets, register, registered, registered_all, unregister
-from dit_serve.loras import LoraError, LoraInfo, check_fits, info_for, read_adapter
+from dit_serve.loras import LoraError, LoraInfo, check_fits, info_for, read_adapter, shown_to
 from dit_serve.schemas import LoraList, LoraRegistration
 
 router = APIRouter(prefix="/v1/loras", tags=["loras"])
@@ -40,10 +40,12 @@ def _admin(caller: Caller) -> None:
 
 
 @router.get("", responses=error_responses(UNAUTHORIZED, REDIS_UNAVAILABLE))
-def list_loras(redis: RedisDep, _caller: CallerDep) -> LoraList:
+def list_loras(redis: RedisDep, caller: CallerDep) -> LoraList:
     """Every served model's adapters, by model then name."""
     by_model = registered_all(redis, sorted(served_models(redis)))
-    return LoraList(data=[info for model in sorted(by_model) for info in by_model[model]])
+    return LoraList(
+        data=[shown_to(info, caller.admin) for model in sorted(by_model) for info in by_model[model]]
+    )
 
 
 @router.post(

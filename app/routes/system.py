@@ -9,16 +9,23 @@ from app.deps import RedisDep
 from app.errors import ServiceUnavailable
 from app.openapi import NO_WORKER, REDIS_UNAVAILABLE, UNAUTHORIZED, error_responses
 from dit_serve.catalog import live_workers, served_models
+from dit_serve.loras import shown_to
 from dit_serve.schemas import ModelList
 
 router = APIRouter(tags=["system"])
 
 
 @router.get("/v1/models", responses=error_responses(UNAUTHORIZED, REDIS_UNAVAILABLE))
-def list_models(redis: RedisDep, _caller: CallerDep) -> ModelList:
-    """Every model a live worker serves, each described by its ModelSpec as the worker published it."""
+def list_models(redis: RedisDep, caller: CallerDep) -> ModelList:
+    """Every model a live worker serves, each described by its ModelSpec as the worker published it,
+    with its LoRA adapters."""
     specs = served_models(redis)
-    return ModelList(data=[specs[name] for name in sorted(specs)])
+    return ModelList(
+        data=[
+            spec.model_copy(update={"loras": [shown_to(info, caller.admin) for info in spec.loras]})
+            for spec in (specs[name] for name in sorted(specs))
+        ]
+    )
 
 
 @router.get("/healthz", responses=error_responses())
