@@ -59,11 +59,15 @@ def as_judged(pixels: np.ndarray) -> np.ndarray:
 
 
 def filled_in(pixels: np.ndarray) -> np.ndarray:
-    """Each image's silhouette painted in the median colour of its shape pixels, on the background."""
+    """Each image's silhouette painted in its stroke's colour on the background. The colour is the
+    median of the shape pixels farthest from the background (the stronger half): a thin stroke's edge
+    pixels are blends with the background, which would pull a median toward it (blue toward cyan)."""
     mask = shape_mask(pixels)
     silhouette = mask | holes(mask)
+    distance = np.abs(pixels.astype(np.int32) - np.array(BACKGROUND, dtype=np.int32)).sum(-1)
     out = np.broadcast_to(np.array(BACKGROUND, dtype=np.uint8), pixels.shape).copy()
     for k in range(len(pixels)):
         if mask[k].any():
-            out[k][silhouette[k]] = np.median(pixels[k][mask[k]], axis=0).astype(np.uint8)
+            strong = mask[k] & (distance[k] >= np.median(distance[k][mask[k]]))
+            out[k][silhouette[k]] = np.median(pixels[k][strong], axis=0).astype(np.uint8)
     return out
