@@ -10,7 +10,8 @@ import json
 from redis import Redis
 
 from dit_serve.jobs import KEY_PREFIX
-from dit_serve.loras import LoraInfo
+from dit_serve.loras import AdapterFile, LoraInfo, info_for
+from dit_serve.storage import Storage
 
 
 def registry_key(model: str) -> str:
@@ -24,6 +25,16 @@ def targets_key(model: str) -> str:
 
 def register(redis: Redis, info: LoraInfo) -> None:
     redis.hset(registry_key(info.model), info.name, info.model_dump_json())
+
+
+def store_and_register(
+    redis: Redis, storage: Storage, model: str, name: str, adapter: AdapterFile, source: str
+) -> LoraInfo:
+    """Put a checked adapter's weights in the shared storage, then add it to the registry."""
+    info = info_for(model, name, adapter, source)
+    storage.put(info.key, adapter.weights, "application/octet-stream")
+    register(redis, info)
+    return info
 
 
 def unregister(redis: Redis, model: str, name: str) -> LoraInfo | None:

@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from dit_serve.lora_registry import publish_targets, register, registered
-from dit_serve.loras import KEY_PREFIXES, LORA_KEY, AppliedLora, LoraError, check_fits, info_for, read_adapter
+from dit_serve.lora_registry import publish_targets, registered, store_and_register
+from dit_serve.loras import KEY_PREFIXES, LORA_KEY, AppliedLora, LoraError, check_fits, read_adapter
 from dit_serve.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,7 @@ def register_at_start(
     existing = registered(redis, model).get(name)
     if existing is not None and existing.digest == adapter.digest:
         return
-    info = info_for(model, name, adapter, str(source))
-    storage.put(info.key, adapter.weights, "application/octet-stream")
-    register(redis, info)
+    store_and_register(redis, storage, model, name, adapter, str(source))
     log.info("registered adapter %s of %s from %s", name, model, source)
 
 

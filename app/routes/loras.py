@@ -27,8 +27,8 @@ from app.openapi import (
     error_responses,
 )
 from dit_serve.catalog import served_models
-from dit_serve.lora_registry import read_targets, register, registered, registered_all, unregister
-from dit_serve.loras import LoraError, LoraInfo, check_fits, info_for, read_adapter, shown_to
+from dit_serve.lora_registry import read_targets, registered, registered_all, store_and_register, unregister
+from dit_serve.loras import LoraError, LoraInfo, check_fits, read_adapter, shown_to
 from dit_serve.schemas import LoraList, LoraRegistration
 
 router = APIRouter(prefix="/v1/loras", tags=["loras"])
@@ -95,10 +95,7 @@ def register_lora(
             )
         response.status_code = 200
         return existing
-    info = info_for(body.model, body.name, adapter, body.source)
-    storage.put(info.key, adapter.weights, "application/octet-stream")
-    register(redis, info)
-    return info
+    return store_and_register(redis, storage, body.model, body.name, adapter, body.source)
 
 
 @router.delete(
