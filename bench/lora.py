@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dit_serve.loras import AppliedLora, info_for, read_adapter
+from dit_serve.lora_registry import store_adapter
+from dit_serve.loras import AppliedLora, read_adapter
 from dit_serve.storage import LocalStorage
 from models.bundled import IMAGE_MODEL_DIR
 from models.loading import LoadedModel, RowCondition, load_model
@@ -77,9 +78,7 @@ def run(args: argparse.Namespace) -> dict:
         for k in range(args.adapters):
             path = Path(tmp) / f"a{k}"
             write_random_adapter(path, model, args.rank, seed=k)
-            adapter = read_adapter(path)
-            info = info_for("bench", f"a{k}", adapter, str(path))
-            storage.put(info.key, adapter.weights, "application/octet-stream")
+            info = store_adapter(storage, "bench", f"a{k}", read_adapter(path), str(path))
             adapters.append(AppliedLora.of(info, 1.0))
         bank = AdapterBank(model.transformer, storage)
         per = args.rows // args.adapters

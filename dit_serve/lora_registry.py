@@ -31,9 +31,16 @@ def store_and_register(
     redis: Redis, storage: Storage, model: str, name: str, adapter: AdapterFile, source: str
 ) -> LoraInfo:
     """Put a checked adapter's weights in the shared storage, then add it to the registry."""
+    info = store_adapter(storage, model, name, adapter, source)
+    register(redis, info)
+    return info
+
+
+def store_adapter(storage: Storage, model: str, name: str, adapter: AdapterFile, source: str) -> LoraInfo:
+    """Put an adapter's weights where workers load them from; returns its entry, not registered (the
+    evaluation, the benchmark and tests apply adapters without a registry)."""
     info = info_for(model, name, adapter, source)
     storage.put(info.key, adapter.weights, "application/octet-stream")
-    register(redis, info)
     return info
 
 

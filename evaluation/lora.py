@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit_serve.loras import AppliedLora, info_for, read_adapter
+from dit_serve.lora_registry import store_adapter
+from dit_serve.loras import AppliedLora, read_adapter
 from dit_serve.storage import LocalStorage
 from evaluation.classifier import classify, load_classifier
 from evaluation.style import HOLLOW, as_judged, hollowness
@@ -49,9 +50,9 @@ def evaluate_lora(model: ClassConditionalDiT, adapter_dir: Path, per_label: int)
     rows = []
     with tempfile.TemporaryDirectory(prefix="dit-eval-lora-") as tmp:
         storage = LocalStorage(Path(tmp))
-        adapter = read_adapter(adapter_dir)
-        info = info_for(model.name, adapter_dir.name, adapter, str(adapter_dir))
-        storage.put(info.key, adapter.weights, "application/octet-stream")
+        info = store_adapter(
+            storage, model.name, adapter_dir.name, read_adapter(adapter_dir), str(adapter_dir)
+        )
         bank = AdapterBank(model.transformer, storage)
         for scale in SCALES:
             start, outputs = time.perf_counter(), []

@@ -19,7 +19,8 @@ import torch
 from diffusers import DiTPipeline
 from safetensors.torch import load_file, save_file
 
-from dit_serve.loras import AppliedLora, LoraError, check_fits, info_for, read_adapter
+from dit_serve.lora_registry import store_adapter
+from dit_serve.loras import AppliedLora, LoraError, check_fits, read_adapter
 from dit_serve.storage import LocalStorage
 from models.loading import LoadedModel, RowCondition, load_model
 from tests.test_families import FAMILIES, VIDEO_FRAMES, _pipeline_output
@@ -100,8 +101,7 @@ def registered(dit: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> di
         weights = write_adapter(root / name, dit.transformer, seed)
         adapter = read_adapter(root / name)
         check_fits(adapter, adaptable_layers(dit.transformer), "img")
-        info = info_for("img", name, adapter, str(root / name))
-        storage.put(info.key, adapter.weights, "application/octet-stream")
+        info = store_adapter(storage, "img", name, adapter, str(root / name))
         found[name] = (info, weights)
     return found
 
@@ -250,9 +250,7 @@ def test_text_families_rows_with_different_adapters_equal_their_pipeline_with_th
     applied = []
     for name, seed in (("one", 5), ("two", 6)):
         write_diffusers_adapter(tmp_path / name, model.transformer, seed, strength=2.0)
-        adapter = read_adapter(tmp_path / name)
-        info = info_for(key, name, adapter, str(tmp_path / name))
-        storage.put(info.key, adapter.weights, "application/octet-stream")
+        info = store_adapter(storage, key, name, read_adapter(tmp_path / name), str(tmp_path / name))
         applied.append((AppliedLora.of(info, 1.0),))
     rows = [(requests[0], ()), (requests[1], applied[0]), (requests[3], applied[1])]
     adapters = row_adapters(AdapterBank(model.transformer, storage), [loras for _, loras in rows])
@@ -305,9 +303,7 @@ def test_the_video_dit_mixes_adapters_per_row_across_its_frames(
     reference_model = load_model("vid", model_dirs["vid"], CPU)
     storage = LocalStorage(tmp_path / "storage")
     weights = write_adapter(tmp_path / "move", model.transformer, 7, strength=1.0)
-    adapter = read_adapter(tmp_path / "move")
-    info = info_for("vid", "move", adapter, str(tmp_path / "move"))
-    storage.put(info.key, adapter.weights, "application/octet-stream")
+    info = store_adapter(storage, "vid", "move", read_adapter(tmp_path / "move"), str(tmp_path / "move"))
     rows = [
         (RowCondition(class_label=2), 31, ()),
         (RowCondition(class_label=2), 31, (AppliedLora.of(info, 1.0),)),

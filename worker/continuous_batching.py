@@ -24,7 +24,7 @@ from worker.batching import JobTicket
 from worker.continuous import RunningBatch
 from worker.interleave import Interleaver, no_interleaving
 from worker.ledger import JobLedger
-from worker.lora import adapter_bank
+from worker.lora import adapter_bank, with_adapters
 from worker.previews import previews_due
 from worker.queue import new_execution_id
 from worker.stages import DECODE
@@ -135,6 +135,13 @@ class ContinuousRun:
         assert self.batch is not None
         # The run's own before any row is added: if adding fails, the run fails them with the rest.
         self.jobs.update((ticket.job_id, ticket) for ticket in tickets)
+        if self.batch.bank is not None and any(ticket.request.loras for ticket in tickets):
+            admitted = with_adapters(self.batch.bank, tickets, self.ledger.fail)
+            refused = [ticket.job_id for ticket in tickets if ticket not in admitted]
+            for job_id in refused:  # failed already: not the run's to settle
+                del self.jobs[job_id]
+            self.ledger.release(refused)
+            tickets = admitted
         for ticket in tickets:
             rows = ticket.rows()
             ids = self.batch.add(

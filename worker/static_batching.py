@@ -21,7 +21,7 @@ from worker.fill_window import FillWindow
 from worker.interleave import Interleaver, no_interleaving
 from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
-from worker.lora import LoraUnavailable, adapter_bank, row_adapters
+from worker.lora import LoraUnavailable, adapter_bank, row_adapters, with_adapters
 from worker.metrics import WorkerMetrics
 from worker.previews import previews_due
 from worker.sampling import generate
@@ -89,10 +89,16 @@ class StaticBatching:
     def finish(self, model: LoadedModel, tickets: list[JobTicket]) -> None:
         """Sample these held, compatible jobs as one batch and store each one's outputs.
 
-        If sampling raises, the jobs (but those canceled meanwhile) are tried again apart: in halves
+        A job whose LoRA adapter cannot be loaded fails `lora_unavailable` first, alone. If sampling
+        raises, the jobs (but those canceled meanwhile) are tried again apart: in halves
         first after an out-of-memory error, else one by one; a job that fails alone fails
         `sampling_failed`. Each try is one Attempt for the watchdog.
         """
+        if any(ticket.request.loras for ticket in tickets):
+            bank = adapter_bank(model.transformer, self.ledger.storage)
+            tickets = with_adapters(bank, tickets, self.ledger.fail)
+            if not tickets:
+                return
         batch = Batch.from_tickets(tickets)
         canceled: set[str] = set()
         self.ledger.running(tickets)
