@@ -37,6 +37,7 @@ PARAM_OF_CODE = {
     "invalid_cursor": "after",
     "webhook_url_forbidden": "webhook_url",
     "no_webhook_secret": "webhook_url",
+    "unknown_lora": "loras",
 }
 # The SDK retries 408, 409, 429 and 5xx unless told not to; a retried submission would queue a second
 # job, so errors that follow an accepted job carry this header (openai-python's `x-should-retry`).

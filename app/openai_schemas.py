@@ -6,11 +6,22 @@ fields; `VideoForm` is what `client.videos.create` posts as multipart/form-data,
 extensions. What is accepted but has no effect is listed in IGNORED_IMAGE_FIELDS.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dit_serve.contract import MAX_QUEUE_TIMEOUT_S, Priority
+from dit_serve.loras import MAX_LORA_SCALE, NAME_PATTERN, LoraRef, check_lora_list
 from dit_serve.schemas import (
     MAX_FPS,
     MAX_GUIDANCE,
@@ -37,6 +48,8 @@ IGNORED_IMAGE_FIELDS = (
     "safety_identifier",
     "output_compression",
 )
+LORA_LIST = TypeAdapter(list[LoraRef])
+MAX_LORAS_JSON_CHARS = 1000  # three adapters' names and scales, with room to spare
 SECONDS_PATTERN = r"^[0-9]{1,3}(\.[0-9]{1,3})?$"  # "4", "8", "12" (OpenAI's), or any duration like "2.5"
 
 
@@ -165,6 +178,74 @@ class VideoForm(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     priority: Priority = Priority.NORMAL
     queue_timeout_s: int | None = Field(None, ge=1, le=MAX_QUEUE_TIMEOUT_S)
+    loras: str | None = Field(
+        None,
+        max_length=MAX_LORAS_JSON_CHARS,
+        description='LoRA adapters as JSON text, `[{"name": "outline", "scale": 0.8}]` (the `loras` of '
+        "POST /v1/videos as JSON); or the SDK's form fields below",
+    )
+    lora_names: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = Field(
+        None,
+        alias="loras[][name]",
+        description='what the SDK sends for `extra_body={"loras": [...]}`: each adapter\'s name, in order',
+    )
+    lora_scales: list[Annotated[float, Field(ge=0.0, le=MAX_LORA_SCALE)]] | None = Field(
+        None,
+        alias="loras[][scale]",
+        description="each adapter's scale, in the order of the names: all of them or none (default 1)",
+    )
+
+    _refs: list[LoraRef] | None = PrivateAttr(None)  # `loras` or the form fields, parsed
+
+    @field_validator("loras")
+    @classmethod
+    def _a_request_list(cls, text: str | None) -> str | None:
+        if text is not None:
+            check_lora_list(_lora_list(text))
+        return text
+
+    @field_validator("lora_names")
+    @classmethod
+    def _each_once(cls, names: list[str] | None) -> list[str] | None:
+        check_lora_list([LoraRef.model_construct(name=name) for name in names or []])
+        return names
+
+    @field_validator("lora_scales")
+    @classmethod
+    def _paired_with_names(cls, scales: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        names = info.data.get("lora_names")
+        if scales is not None and len(scales) != len(names or []):
+            raise ValueError(
+                "give every adapter a scale, or none: the form's names and scales are paired by order "
+                "(or send loras as JSON text in `loras`)"
+            )
+        return scales
+
+    @model_validator(mode="after")
+    def _loras_from_fields(self) -> "VideoForm":
+        """The SDK sends a list of objects as one repeated form field per key: pair them up again."""
+        if self.lora_names is not None:
+            if self.loras is not None:
+                raise ValueError("give loras once: as JSON text in `loras`, or as loras[][name] form fields")
+            scales = self.lora_scales or [1.0] * len(self.lora_names)
+            self._refs = [LoraRef(name=n, scale=s) for n, s in zip(self.lora_names, scales, strict=True)]
+        elif self.loras is not None:
+            self._refs = _lora_list(self.loras)
+        return self
+
+    def lora_refs(self) -> list[LoraRef] | None:
+        """The adapters the form asks for, however it gave them."""
+        return self._refs
+
+
+def _lora_list(text: str) -> list[LoraRef]:
+    try:
+        return LORA_LIST.validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'loras'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(
+            f'loras must be a JSON list like [{{"name": "outline", "scale": 0.8}}] ({problems})'
+        ) from None
 
 
 class VideoError(BaseModel):

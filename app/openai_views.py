@@ -82,7 +82,11 @@ def video_request(form: VideoForm, spec: ModelSpec) -> VideoRequest:
                 param="seconds",
             )
     return VideoRequest(
-        **form.model_dump(exclude={"seconds", "model", "num_frames", "fps"}, exclude_none=True),
+        **form.model_dump(
+            exclude={"seconds", "model", "num_frames", "fps", "loras", "lora_names", "lora_scales"},
+            exclude_none=True,
+        ),
+        loras=form.lora_refs(),
         model=spec.name,
         num_frames=num_frames,
         fps=fps,

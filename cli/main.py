@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--style", default="outline", help="lora: the style the adapter draws (outline)")
     train.add_argument("--steps", type=int, default=None, help="lora: training steps (default: the recipe's)")
+    train.add_argument(
+        "--outline-width",
+        type=float,
+        default=None,
+        help="lora: the outline's width in pixels (default: the shipped adapter's, shapes.OUTLINE_WIDTH)",
+    )
     train.add_argument("--out-dir", default=None, help="where to write the model (default: models/bundled)")
     train.add_argument(
         "--device", default="cpu", help="cpu (the recorded recipe) or cuda (same data and noise)"
@@ -202,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="score a style adapter (a PEFT directory) on the image model: hollowness and label accuracy "
         "with and without it",
+    )
+    evaluate.add_argument(
+        "--outline-widths",
+        default=None,
+        metavar="W,W,...",
+        help="--lora: also pass outline renders of these widths (pixels) through the VAE and back, to see "
+        "which the VAE carries (default: the adapter's trained width only)",
     )
     evaluate.add_argument(
         "--video-every",
@@ -236,11 +249,13 @@ def run_train(args: argparse.Namespace) -> None:
 
         from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME
         from models.training.lora import LORA_RECIPE, train_lora
+        from models.training.shapes import OUTLINE_WIDTH
 
         base = IMAGE_MODEL_DIR if args.base == IMAGE_MODEL_NAME else Path(args.base)
         recipe = replace(LORA_RECIPE, steps=args.steps) if args.steps else LORA_RECIPE
         out = Path(args.out_dir) / args.style if args.out_dir else None
-        path = train_lora(args.style, base, out, recipe, torch.device(args.device))
+        width = args.outline_width or OUTLINE_WIDTH
+        path = train_lora(args.style, base, out, recipe, torch.device(args.device), width)
         print(f"adapter written to {path}; serve it with --lora {IMAGE_MODEL_NAME}:{args.style}={path}")
         return
     out_dir = Path(args.out_dir) if args.out_dir else BUNDLED_DIR
@@ -265,7 +280,8 @@ def run_evaluation(args: argparse.Namespace) -> None:
         from evaluation.run import load_class_model
 
         model = load_class_model("image", image_dir, torch.device(args.device))
-        run_lora_eval(model, Path(args.lora), args.per_label, Path(args.json) if args.json else None)
+        widths = [float(w) for w in args.outline_widths.split(",")] if args.outline_widths else None
+        run_lora_eval(model, Path(args.lora), args.per_label, Path(args.json) if args.json else None, widths)
         return
     if args.cache:
         from evaluation.cache import run_cache_eval

@@ -21,6 +21,7 @@ import json
 import re
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,17 @@ class LoraRef(BaseModel):
     scale: float = Field(
         1.0, ge=0.0, le=MAX_LORA_SCALE, description="its strength: 0 is the base model, 1 as trained"
     )
+
+
+def check_lora_list(loras: Sequence[LoraRef]) -> None:
+    """A request's `loras`: at most MAX_LORAS_PER_REQUEST adapters, each named once (ValueError)."""
+    if len(loras) > MAX_LORAS_PER_REQUEST:
+        raise ValueError(
+            f"loras names {len(loras)} adapters; a request applies at most {MAX_LORAS_PER_REQUEST}"
+        )
+    names = [lora.name for lora in loras]
+    if len(set(names)) != len(names):
+        raise ValueError("loras names an adapter twice; give each once, with its scale")
 
 
 class LoraInfo(BaseModel):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from dit_serve.caching import CachePolicy
 from dit_serve.contract import ClientOptions, JobRequest, ModelSpec
 from dit_serve.jobs import JobError
-from dit_serve.loras import MAX_LORAS_PER_REQUEST, NAME_PATTERN, LoraInfo, LoraRef
+from dit_serve.loras import MAX_LORAS_PER_REQUEST, NAME_PATTERN, LoraInfo, LoraRef, check_lora_list
 from dit_serve.webhooks import WebhookDelivery
 
 MAX_OUTPUTS = 8
@@ -88,9 +88,7 @@ class GenerationRequest(ClientOptions):
     def _one_condition(self) -> "GenerationRequest":
         if (self.prompt is None) == (self.class_labels is None):
             raise ValueError("give exactly one of prompt or class_labels")
-        names = [lora.name for lora in self.loras or []]
-        if len(set(names)) != len(names):
-            raise ValueError("loras names an adapter twice; give each once, with its scale")
+        check_lora_list(self.loras or [])
         return self
 
 

@@ -5,6 +5,10 @@ AdapterBank, the adapter registered into a temporary storage as `--lora` would):
 with it at scale 1, and with it at `half` scale. For each: the style measure (hollowness, 0 for filled
 shapes: evaluation/style.py) and label accuracy, raw and on the filled-in silhouette (the judge was
 trained on filled shapes, so an outline is judged by what it encloses).
+
+Beside them, what the model's VAE keeps of the style: the outline renders the adapter was trained on,
+encoded and decoded, measured the same way (`vae_round_trip`). An adapter changes only the transformer,
+so a style the VAE cannot carry is one no adapter draws cleanly; `--outline-widths` compares widths.
 """
 
 import json
@@ -29,6 +33,7 @@ from worker.sampling import generate
 
 STEPS, GUIDANCE, BATCH = 25, 4.0, 48
 SCALES = (0.0, 0.5, 1.0)  # 0: the base model
+ROUND_TRIP_SEED = 0
 
 
 @dataclass
@@ -88,6 +93,54 @@ def evaluate_lora(model: ClassConditionalDiT, adapter_dir: Path, per_label: int)
     return rows
 
 
+@dataclass
+class RoundTrip:
+    outline_width: float
+    samples: int
+    hollowness: float
+    outlined: float
+    label_accuracy: float  # as LoraRow's: hollow shapes filled in
+
+
+def vae_round_trip(model: ClassConditionalDiT, outline_width: float, samples: int) -> RoundTrip:
+    """The outline renders (outline_width thick) through the model's VAE and back, measured as samples are."""
+    classifier = load_classifier()
+    pixels, labels = shapes.image_batch(
+        np.random.default_rng(ROUND_TRIP_SEED), samples, style=shapes.OUTLINE, outline_width=outline_width
+    )
+    x = torch.from_numpy(pixels).to(model.device).float().permute(0, 3, 1, 2) / 127.5 - 1
+    decoded = model.vae.decode(model.vae.encode(x).latent_dist.mode()).sample
+    images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    hollow = hollowness(images)
+    return RoundTrip(
+        outline_width=outline_width,
+        samples=samples,
+        hollowness=round(float(hollow.mean()), 3),
+        outlined=round(float((hollow >= HOLLOW).mean()), 3),
+        label_accuracy=round(float((classify(as_judged(images), classifier) == labels).mean()), 4),
+    )
+
+
+def trained_width(adapter_dir: Path) -> float:
+    """The outline width the adapter was trained on (its training.json), else today's default."""
+    record = adapter_dir / "training.json"
+    if record.is_file():
+        return float(json.loads(record.read_text()).get("outline_width", shapes.OUTLINE_WIDTH))
+    return shapes.OUTLINE_WIDTH
+
+
+def format_round_trips(trips: list[RoundTrip]) -> str:
+    lines = [
+        "| outline renders through the VAE, width | samples | hollowness | outlined | label accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for trip in trips:
+        cells = [f"{trip.outline_width:g} px", str(trip.samples), f"{trip.hollowness:.3f}"]
+        cells += [f"{trip.outlined:.1%}", f"{trip.label_accuracy:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[LoraRow]) -> str:
     lines = [
         "| adapter scale | samples | hollowness | outlined (hollowness ≥ 0.1) | label accuracy (outlines "
@@ -103,11 +156,20 @@ def format_table(rows: list[LoraRow]) -> str:
 
 
 def run_lora_eval(
-    model: ClassConditionalDiT, adapter_dir: Path, per_label: int, json_out: Path | None
+    model: ClassConditionalDiT,
+    adapter_dir: Path,
+    per_label: int,
+    json_out: Path | None,
+    outline_widths: list[float] | None = None,
 ) -> list[LoraRow]:
+    samples = per_label * len(model.labels or [])
     with torch.inference_mode():
         rows = evaluate_lora(model, adapter_dir, per_label)
+        trips = [vae_round_trip(model, w, samples) for w in outline_widths or [trained_width(adapter_dir)]]
     print(format_table(rows))
+    print()
+    print(format_round_trips(trips))
     if json_out:
-        json_out.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+        report = {"adapter": [asdict(row) for row in rows], "vae_round_trip": [asdict(t) for t in trips]}
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
     return rows

@@ -2,6 +2,7 @@
 run time by an admin's POST /v1/loras, jobs naming different adapters sharing one batch, and the 4xx
 answers for adapters that do not exist, do not fit, or are not an admin's to register."""
 
+import base64
 import io
 import json
 from collections.abc import Iterator
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import torch
+from openai import OpenAI
 from PIL import Image
 from redis import Redis
 from safetensors.torch import save_file
@@ -22,7 +25,8 @@ from tests.conftest import Service, running_service
 from tests.test_auth import keys_cli
 from tests.test_lora import write_adapter
 
-pytestmark = pytest.mark.slow
+# The SDK marks its video API (Sora) deprecated; the calls still work, and are what is tested here.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
 
 CPU = torch.device("cpu")
 JOB = {"model": "img", "class_labels": [3], "seed": 21, "num_inference_steps": 4}
@@ -36,12 +40,12 @@ def lora_service(
     base = load_model("img", model_dirs["img"], CPU).transformer
     for name, seed in (("red", 1), ("blue", 2), ("green", 3), ("green2", 4)):
         write_adapter(root / name, base, seed)
-    flags = json.dumps([f"img:red={root / 'red'}", f"img:blue={root / 'blue'}"])
+    write_adapter(root / "wave", load_model("vid", model_dirs["vid"], CPU).transformer, 5)
+    flags = json.dumps([f"img:red={root / 'red'}", f"img:blue={root / 'blue'}", f"vid:wave={root / 'wave'}"])
     # the fill window stays open a second, so that jobs posted one after another share a batch
     window = {"DIT_MAX_WAIT_MS": "1000", "DIT_BATCH_GAP_MS": "1000", "DIT_MAX_FILL_MS": "1000"}
-    with running_service(
-        redis_url, root, {"img": model_dirs["img"]}, {"DIT_AUTH": "on"}, DIT_LORA=flags, **window
-    ) as svc:
+    models = {"img": model_dirs["img"], "vid": model_dirs["vid"]}
+    with running_service(redis_url, root, models, {"DIT_AUTH": "on"}, DIT_LORA=flags, **window) as svc:
         keys = {}
         for name, admin in (("ops", True), ("app", False)):
             made = keys_cli(redis_url, "create", name, "--json", *(["--admin"] if admin else []))
@@ -168,3 +172,52 @@ def test_an_adapter_that_does_not_fit_or_does_not_parse_is_refused(
         assert missing.status_code == 422 and missing.json()["error"]["code"] == "invalid_lora"
         unserved = ops.post("/v1/loras", json={"model": "nope", "name": "x", "source": str(misfit)})
         assert unserved.status_code == 422 and unserved.json()["error"]["code"] == "unknown_model"
+
+
+def test_the_openai_sdk_applies_adapters_to_images_and_videos(
+    lora_service: tuple[Service, Path, dict],
+) -> None:
+    """`extra_body={"loras": [...]}`: JSON for images; for videos the SDK's multipart form fields
+    (loras[][name], loras[][scale]), paired up again by the API."""
+    svc, _root, keys = lora_service
+    sdk = OpenAI(base_url=f"{svc.base_url}/v1", api_key=keys["app"], max_retries=0)
+    steps = {"num_inference_steps": 4, "seed": 21}
+    plain = sdk.images.generate(model="img", prompt="red circle", extra_body=steps)
+    tinted = sdk.images.generate(
+        model="img", prompt="red circle", extra_body={**steps, "loras": [{"name": "red", "scale": 0.5}]}
+    )
+    assert plain.data and tinted.data and plain.data[0].b64_json and tinted.data[0].b64_json
+    with _client(svc, keys["app"]) as http:
+        job = http.get(f"/v1/jobs/{tinted.id}").json()
+        assert [(lora["name"], lora["scale"]) for lora in job["request"]["loras"]] == [("red", 0.5)]
+        assert np.abs(_decoded(tinted.data[0].b64_json) - _decoded(plain.data[0].b64_json)).max() > 10
+        video = sdk.videos.create(
+            model="vid",
+            prompt="red circle moving up",
+            extra_body={"num_inference_steps": 2, "loras": [{"name": "wave", "scale": 0.7}]},
+        )
+        ended = http.get(f"/v1/jobs/{video.id}", params={"wait": 60}).json()
+        assert ended["status"] == "completed", ended
+        assert [(lora["name"], lora["scale"]) for lora in ended["request"]["loras"]] == [("wave", 0.7)]
+    for call in (
+        lambda: sdk.images.generate(
+            model="img", prompt="red circle", extra_body={"loras": [{"name": "wave"}]}
+        ),
+        lambda: sdk.videos.create(
+            model="vid", prompt="red circle moving up", extra_body={"loras": [{"name": "red"}]}
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            call()
+        assert refused.value.code == "unknown_lora" and refused.value.param == "loras"
+    with pytest.raises(openai.BadRequestError) as unpaired:  # names and scales are paired by order
+        sdk.videos.create(
+            model="vid",
+            prompt="red circle moving up",
+            extra_body={"loras": [{"name": "wave"}, {"name": "x", "scale": 1}]},
+        )
+    assert unpaired.value.param == "loras[][scale]"
+
+
+def _decoded(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(int)

@@ -12,8 +12,9 @@ import torch
 
 from dit_serve.loras import check_fits, read_adapter
 from evaluation.classifier import classify, load_classifier
-from evaluation.lora import SCALES, evaluate_lora
+from evaluation.lora import SCALES, evaluate_lora, vae_round_trip
 from evaluation.style import HOLLOW, as_judged, hollowness
+from models.bundled import IMAGE_MODEL_DIR, IMAGE_MODEL_NAME
 from models.loading import load_model
 from models.training import shapes
 from worker.lora import adaptable_layers
@@ -53,3 +54,13 @@ def test_train_lora_writes_an_adapter_the_server_reads_and_the_eval_scores(
         rows = evaluate_lora(model, adapter_dir, 1)  # type: ignore[arg-type]
     assert [row.scale for row in rows] == list(SCALES) and all(row.samples == 24 for row in rows)
     assert all(0 <= row.hollowness <= 1 and 0 <= row.label_accuracy <= 1 for row in rows)
+
+
+def test_the_bundled_vae_carries_thick_outlines_better_than_thin_ones() -> None:
+    """Why the outline adapter's width matters: an adapter changes only the transformer, and the bundled
+    VAE (trained on filled shapes) blurs thin strokes into other colours (docs/models.md)."""
+    model = load_model(IMAGE_MODEL_NAME, IMAGE_MODEL_DIR, torch.device("cpu"))
+    with torch.inference_mode():
+        thin, thick = (vae_round_trip(model, width, 96) for width in (2.5, 4.0))  # type: ignore[arg-type]
+    assert thin.label_accuracy < 0.9 < thick.label_accuracy
+    assert thick.outlined > 0.4 and thick.hollowness > 0.1  # still outlines

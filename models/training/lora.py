@@ -56,6 +56,7 @@ def train_lora(
     out_dir: Path | None = None,
     recipe: Recipe = LORA_RECIPE,
     device: torch.device = CPU,
+    outline_width: float = shapes.OUTLINE_WIDTH,
 ) -> Path:
     """Train the style's adapter on the base image model and write it to out_dir (default
     models/bundled/loras/<style>); returns the directory."""
@@ -74,7 +75,7 @@ def train_lora(
     inject_adapter_in_model(config, transformer, adapter_name=ADAPTER_NAME)
 
     def loss_fn(rng, generator):  # type: ignore[no-untyped-def]
-        pixels, labels = shapes.image_batch(rng, recipe.batch_size, style=style)
+        pixels, labels = shapes.image_batch(rng, recipe.batch_size, style=style, outline_width=outline_width)
         z = _encode(vae, _to_tensor(pixels, device), generator)
         labels_t = torch.from_numpy(labels).to(device)
         return _diffusion_loss(transformer, noise_scheduler, z, labels_t, generator, None, prediction_type)
@@ -88,7 +89,14 @@ def train_lora(
         str(path / "adapter_model.safetensors"),
     )
     config.save_pretrained(str(path))
-    record = {"style": style, "base": base_dir.name, "rank": RANK, "device": device.type, **stats}
+    record = {
+        "style": style,
+        "outline_width": outline_width,
+        "base": base_dir.name,
+        "rank": RANK,
+        "device": device.type,
+        **stats,
+    }
     (path / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("adapter written to %s: %s", path, record)
     return path

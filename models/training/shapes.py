@@ -69,11 +69,11 @@ def _mask(spec: ShapeSpec) -> np.ndarray:
     return inside.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
 
 
-def render(spec: ShapeSpec, style: str = FILLED) -> np.ndarray:
-    """One RGB frame, (H, W, 3) uint8: the shape filled, or (OUTLINE) only its border."""
+def render(spec: ShapeSpec, style: str = FILLED, outline_width: float = OUTLINE_WIDTH) -> np.ndarray:
+    """One RGB frame, (H, W, 3) uint8: the shape filled, or (OUTLINE) only its border, outline_width thick."""
     alpha = _mask(spec)  # (H, W)
     if style == OUTLINE:
-        inner = ShapeSpec(spec.shape, spec.colour, spec.cx, spec.cy, max(spec.half - OUTLINE_WIDTH, 0.0))
+        inner = ShapeSpec(spec.shape, spec.colour, spec.cx, spec.cy, max(spec.half - outline_width, 0.0))
         alpha = np.clip(alpha - _mask(inner), 0.0, 1.0)
     elif style != FILLED:
         raise ValueError(f"unknown style {style!r}; styles: {', '.join(STYLES)}")
@@ -84,14 +84,18 @@ def render(spec: ShapeSpec, style: str = FILLED) -> np.ndarray:
 
 
 def random_image(
-    rng: np.random.Generator, half_size: tuple[float, float] = IMAGE_HALF_SIZE, style: str = FILLED
+    rng: np.random.Generator,
+    half_size: tuple[float, float] = IMAGE_HALF_SIZE,
+    style: str = FILLED,
+    outline_width: float = OUTLINE_WIDTH,
 ) -> tuple[np.ndarray, int]:
     """A random still: (H, W, 3) uint8 and its class id in image_labels()."""
     label = int(rng.integers(len(COLOURS) * len(SHAPES)))
     colour, shape = list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
     half = rng.uniform(*half_size)
     lo, hi = half + EDGE_MARGIN, IMAGE_SIZE - half - EDGE_MARGIN
-    return render(ShapeSpec(shape, colour, rng.uniform(lo, hi), rng.uniform(lo, hi), half), style), label
+    spec = ShapeSpec(shape, colour, rng.uniform(lo, hi), rng.uniform(lo, hi), half)
+    return render(spec, style, outline_width), label
 
 
 def random_video(rng: np.random.Generator, num_frames: int = NUM_FRAMES) -> tuple[np.ndarray, int]:
@@ -115,10 +119,14 @@ def random_video(rng: np.random.Generator, num_frames: int = NUM_FRAMES) -> tupl
 
 
 def image_batch(
-    rng: np.random.Generator, size: int, half_size: tuple[float, float] = IMAGE_HALF_SIZE, style: str = FILLED
+    rng: np.random.Generator,
+    size: int,
+    half_size: tuple[float, float] = IMAGE_HALF_SIZE,
+    style: str = FILLED,
+    outline_width: float = OUTLINE_WIDTH,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W, 3) uint8 and (N,) class ids."""
-    pairs = [random_image(rng, half_size, style) for _ in range(size)]
+    pairs = [random_image(rng, half_size, style, outline_width) for _ in range(size)]
     return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
 
