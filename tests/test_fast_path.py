@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from dit_serve.config import CompileMode
+from dit_serve.lora_registry import store_adapter
+from dit_serve.loras import AppliedLora, read_adapter
+from dit_serve.storage import LocalStorage
 from models.loading import RowCondition, load_model
+from tests.test_lora import write_adapter
 from worker.acceleration import GraphStep, accelerate, repeated_blocks
+from worker.lora import adaptable_layers, adapter_bank, row_adapters
 from worker.sampling import generate
 
 CPU = torch.device("cpu")
@@ -30,9 +35,14 @@ def test_repeated_blocks_finds_each_familys_layer_stack(model_dirs: dict[str, Pa
 
 @pytest.mark.parametrize("mode", [CompileMode.DEFAULT, CompileMode.REDUCE_OVERHEAD])
 @pytest.mark.slow
-def test_compiled_model_gives_the_eager_output(mode: CompileMode, model_dirs: dict[str, Path]) -> None:
-    """Inductor on the CPU (C++ kernels); the CUDA-graph mode falls back to plain compiled code there."""
+def test_compiled_model_gives_the_eager_output_with_and_without_adapters(
+    mode: CompileMode, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Inductor on the CPU (C++ kernels); the CUDA-graph mode falls back to plain compiled code there.
+    LoRA adapters loaded after the first compiled call (as a worker loads them on first use) go into
+    the transformer's own layers, and the compiled model runs them: its mixed rows equal eager ones."""
     model = load_model("img", model_dirs["img"], CPU)
+    reference = load_model("img", model_dirs["img"], CPU)
     rows, seeds, scales = [RowCondition(class_label=3), RowCondition(class_label=9)], [1, 2], [4.0, 1.0]
     eager, _ = generate(model, rows, seeds, scales, 4, 32, 32)
     compiled_blocks = accelerate(model, mode)
@@ -41,6 +51,29 @@ def test_compiled_model_gives_the_eager_output(mode: CompileMode, model_dirs: di
         assert isinstance(model.transformer, GraphStep) and model.latent_channels == 4
     fast, _ = generate(model, rows, seeds, scales, 4, 32, 32)
     assert (fast.int() - eager.int()).abs().max() <= 1
+
+    # the compiled transformer offers the same layers to adapters as the eager one
+    assert adaptable_layers(model.transformer) == adaptable_layers(reference.transformer)
+    storage = LocalStorage(tmp_path / "storage")
+    write_adapter(tmp_path / "red", reference.transformer, seed=1)
+    info = store_adapter(storage, "img", "red", read_adapter(tmp_path / "red"), str(tmp_path / "red"))
+    loras = [(AppliedLora.of(info, 1.0),), ()]
+    mixed = {
+        name: generate(
+            m,
+            rows,
+            seeds,
+            scales,
+            4,
+            32,
+            32,
+            adapters=row_adapters(adapter_bank(m.transformer, storage), loras),
+        )[0].int()
+        for name, m in (("eager", reference), ("compiled", model))
+    }
+    assert (mixed["compiled"] - mixed["eager"]).abs().max() <= 1
+    assert (mixed["compiled"][0] - fast[0]).abs().max() > 20  # the adapter ran in the compiled model
+    assert (mixed["compiled"][1] - fast[1]).abs().max() <= 1  # and only on its row
 
 
 @pytest.mark.slow

@@ -47,6 +47,12 @@ class GraphStep(torch.nn.Module):
         return self.compiled(*args, **kwargs)
 
 
+def eager_module(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The transformer itself, out of the GraphStep that `reduce-overhead` wraps it in: its layers are
+    where LoRA adapters go, by their own module paths."""
+    return transformer.inner if isinstance(transformer, GraphStep) else transformer
+
+
 def accelerate(model: LoadedModel, compile_mode: CompileMode) -> int:
     """Apply the fast path to a loaded model; returns how many blocks were compiled.
 

@@ -36,6 +36,7 @@ from dit_serve.jobs import LORA_UNAVAILABLE_ERROR, JobError
 from dit_serve.lora_registry import publish_targets, registered, store_and_register
 from dit_serve.loras import KEY_PREFIXES, LORA_KEY, AppliedLora, LoraError, check_fits, read_adapter
 from dit_serve.storage import Storage
+from worker.acceleration import eager_module
 
 if TYPE_CHECKING:  # worker.batching imports worker.sampling, which imports this module
     from worker.batching import JobTicket
@@ -54,7 +55,7 @@ def adaptable_layers(transformer: nn.Module) -> dict[str, tuple[int, int]]:
     """The transformer's linear layers an adapter may target: module path -> (in, out) features."""
     return {
         name: (module.in_features, module.out_features)
-        for name, module in transformer.named_modules()
+        for name, module in eager_module(transformer).named_modules()
         if isinstance(module, nn.Linear) and name
     }
 
@@ -306,7 +307,9 @@ _banks: "WeakKeyDictionary[nn.Module, AdapterBank]" = WeakKeyDictionary()
 def adapter_bank(
     transformer: nn.Module, storage: Storage, memory_bytes: int = DEFAULT_MEMORY_BYTES
 ) -> AdapterBank:
-    """The bank of a model's transformer (made on first use; one per transformer)."""
+    """The bank of a model's transformer (made on first use; one per transformer; a compiled one's
+    adapters go into the transformer it wraps)."""
+    transformer = eager_module(transformer)
     if transformer not in _banks:
         _banks[transformer] = AdapterBank(transformer, storage, memory_bytes)
     return _banks[transformer]
