@@ -24,11 +24,11 @@ from worker.batching import JobTicket
 from worker.continuous import RunningBatch
 from worker.interleave import Interleaver, no_interleaving
 from worker.ledger import JobLedger
-from worker.lora import adapter_bank, with_adapters
+from worker.lora import adapter_bank
 from worker.previews import previews_due
 from worker.queue import new_execution_id
 from worker.stages import DECODE
-from worker.static_batching import StaticBatching
+from worker.static_batching import StaticBatching, with_adapters
 from worker.strategy import BatchLimits, YieldTurn
 
 log = logging.getLogger(__name__)

@@ -21,25 +21,21 @@ import hashlib
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from dit_serve.jobs import LORA_UNAVAILABLE_ERROR, JobError
 from dit_serve.lora_registry import publish_targets, registered, store_and_register
 from dit_serve.loras import KEY_PREFIXES, LORA_KEY, AppliedLora, LoraError, check_fits, read_adapter
 from dit_serve.storage import Storage
 from worker.acceleration import eager_module
-
-if TYPE_CHECKING:  # worker.batching imports worker.sampling, which imports this module
-    from worker.batching import JobTicket
 
 log = logging.getLogger(__name__)
 
@@ -273,26 +269,6 @@ def row_adapters(bank: AdapterBank | None, rows: Sequence[Sequence[AppliedLora]]
     if bank is None or not any(rows):
         return None
     return RowAdapters(bank, bank.names_for(rows))
-
-
-def with_adapters(
-    bank: AdapterBank, tickets: Sequence["JobTicket"], fail: Callable[["JobTicket", JobError], None]
-) -> list["JobTicket"]:
-    """The tickets whose adapters all load, before they sample; each other one is failed
-    `lora_unavailable` here, so that an adapter removed after its job was accepted (or damaged in
-    storage) costs that job alone, not a failed batch tried again apart or a continuous run restarted."""
-    failed = bank.unloadable(lora for ticket in tickets for lora in ticket.request.loras)
-    if not failed:
-        return list(tickets)
-    kept = []
-    for ticket in tickets:
-        missing = [failed[lora] for lora in ticket.request.loras if lora in failed]
-        if missing:
-            log.error("job %s: %s", ticket.job_id, "; ".join(map(str, missing)))
-            fail(ticket, LORA_UNAVAILABLE_ERROR)
-        else:
-            kept.append(ticket)
-    return kept
 
 
 def adapters_context(

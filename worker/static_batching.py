@@ -7,21 +7,21 @@ job that fails alone ends `sampling_failed`. Continuous batching hands the jobs 
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from redis.exceptions import RedisError
 
 from dit_serve.events import PreviewEvent
-from dit_serve.jobs import LORA_UNAVAILABLE_ERROR, SAMPLING_FAILED_ERROR
+from dit_serve.jobs import LORA_UNAVAILABLE_ERROR, SAMPLING_FAILED_ERROR, JobError
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.fill_window import FillWindow
 from worker.interleave import Interleaver, no_interleaving
 from worker.isolation import free_device_memory, is_out_of_memory, retry_groups
 from worker.ledger import JobLedger
-from worker.lora import LoraUnavailable, adapter_bank, row_adapters, with_adapters
+from worker.lora import AdapterBank, LoraUnavailable, adapter_bank, row_adapters
 from worker.metrics import WorkerMetrics
 from worker.previews import previews_due
 from worker.sampling import generate
@@ -214,3 +214,23 @@ class StaticBatching:
         for row_index, array in zip(rows.tolist(), decoded, strict=True):
             pixels[batch.rows[row_index].job_id].append(array)
         return pixels
+
+
+def with_adapters(
+    bank: AdapterBank, tickets: Sequence[JobTicket], fail: Callable[[JobTicket, JobError], None]
+) -> list[JobTicket]:
+    """The tickets whose adapters all load, before they sample; each other one is failed
+    `lora_unavailable` here, so that an adapter removed after its job was accepted (or damaged in
+    storage) costs that job alone, not a failed batch tried again apart or a continuous run restarted."""
+    failed = bank.unloadable(lora for ticket in tickets for lora in ticket.request.loras)
+    if not failed:
+        return list(tickets)
+    kept = []
+    for ticket in tickets:
+        missing = [failed[lora] for lora in ticket.request.loras if lora in failed]
+        if missing:
+            log.error("job %s: %s", ticket.job_id, "; ".join(map(str, missing)))
+            fail(ticket, LORA_UNAVAILABLE_ERROR)
+        else:
+            kept.append(ticket)
+    return kept
