@@ -2,11 +2,15 @@
 streamed image generation): the worker's events from the job's Redis stream (dit_serve/events.py),
 `queued` snapshots from the job's state, keep-alive ticks, and the final event carrying the job.
 
-Blocking reads go through the app's asyncio Redis client, so an open stream holds no thread.
+Blocking reads go through the app's asyncio Redis client, so an open stream holds no thread. Each
+wait for worker events also watches the job's `ended` list (pushed by whoever ends the job, as for
+`?wait=`), so the final event follows the job's end at once rather than after the wait runs out.
 """
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,7 +28,7 @@ from dit_serve.events import (
     events_key,
     parse_entries,
 )
-from dit_serve.jobs import ENDED_STATUSES, JobStatus
+from dit_serve.jobs import ENDED_STATUSES, JobStatus, ended_key
 from dit_serve.schemas import JobBody
 
 BLOCK_MS = 1000  # wait this long for worker events before looking at the job's state again
@@ -57,7 +61,7 @@ async def job_stream(
     while True:
         # Read the worker's events after the job's state: every event of a job that has ended was
         # written before it ended, so none is missed before the final event.
-        reply = await waits.xread({events_key(job_id): cursor}, block=block_ms)
+        reply = await _read_events(waits, job_id, cursor, block_ms)
         block_ms = BLOCK_MS
         for cursor, kind, data in parse_entries(reply):
             if kind == EventType.STARTED:
@@ -83,6 +87,25 @@ async def job_stream(
             body = await run_in_threadpool(job_body, redis, job_id, caller)
         except (NotFound, Gone):  # deleted while watched (DELETE /v1/videos/{id}, or retention)
             return
+
+
+async def _read_events(waits: Any, job_id: str, cursor: str, block_ms: int | None) -> Any:
+    """XREAD of the job's events after `cursor`, waiting up to `block_ms` for one, or until the job
+    ends: then what was written before the end, without waiting."""
+    key = events_key(job_id)
+    if block_ms is None:
+        return await waits.xread({key: cursor})
+    ended = ended_key(job_id)
+    read = asyncio.ensure_future(waits.xread({key: cursor}, block=block_ms))
+    end = asyncio.ensure_future(waits.blmove(ended, ended, block_ms / 1000, "RIGHT", "LEFT"))
+    done, pending = await asyncio.wait({read, end}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()  # redis-py drops the connection of a cancelled blocking command
+    await asyncio.gather(*pending, return_exceptions=True)
+    if read in done:
+        return read.result()
+    end.result()  # a Redis error here is the stream's, as the read's would be
+    return await waits.xread({key: cursor})
 
 
 def _with_eta(data: str, started_at: float | None, entry_id: str) -> str:

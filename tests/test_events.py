@@ -1,6 +1,7 @@
 """GET /v1/jobs/{id}/events against a real API and worker: the order and content of a job's events,
 previews, the final event, resuming with Last-Event-ID, queued snapshots, and eta_s."""
 
+import asyncio
 import base64
 import io
 import threading
@@ -10,7 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from redis.asyncio import Redis as AsyncRedis
 
+from app.job_stream import _read_events
+from dit_serve.events import events_key
+from dit_serve.jobs import ended_key
 from tests.conftest import Service, paused, running_service
 from tests.sse import Event, read_events
 
@@ -117,3 +122,36 @@ def test_unknown_jobs_and_bad_event_ids_are_refused(events_service: Service) -> 
         job_id = _submit(client)
         bad = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "yesterday"})
         assert bad.status_code == 422 and "Last-Event-ID" in bad.json()["error"]["message"]
+
+
+def test_a_wait_for_events_ends_when_the_job_ends_not_when_the_wait_runs_out(redis_url: str) -> None:
+    """The stream's wait watches the job's `ended` list beside its events: a job that ends with no
+    event after its last step (its outputs being stored) gets its final event at once, not after the
+    wait. With a 60 s wait and a 20 s limit here, only the end can have woken it."""
+
+    async def scenario() -> tuple[object, object]:
+        waits = AsyncRedis.from_url(redis_url)
+        try:
+            await waits.delete(events_key("j1"), ended_key("j1"))
+            await waits.xadd(events_key("j1"), {"type": "progress", "payload": "{}"})
+            seen = await _read_events(waits, "j1", "0", None)  # the first read does not wait
+            cursor = seen[0][1][-1][0].decode()
+
+            async def end_soon() -> None:
+                await asyncio.sleep(0.2)
+                await waits.rpush(ended_key("j1"), "completed")
+
+            ender = asyncio.ensure_future(end_soon())
+            after_end = await asyncio.wait_for(_read_events(waits, "j1", cursor, 60_000), timeout=20)
+            await ender
+            # written before the end, read after it: still delivered
+            await waits.xadd(events_key("j1"), {"type": "progress", "payload": "{}"})
+            late = await asyncio.wait_for(_read_events(waits, "j1", cursor, 60_000), timeout=20)
+            return after_end, late
+        finally:
+            await waits.delete(events_key("j1"), ended_key("j1"))
+            await waits.aclose()
+
+    after_end, late = asyncio.run(scenario())
+    assert not after_end  # woken by the end, with nothing new to read
+    assert late and len(late[0][1]) == 1  # type: ignore[index,arg-type]

@@ -63,6 +63,7 @@ def test_train_lora_writes_an_adapter_the_server_reads_and_the_eval_scores(
     assert all(0 <= row.hollowness <= 1 and 0 <= row.label_accuracy <= 1 for row in rows)
 
 
+@pytest.mark.slow  # the bundled model and the judge, 192 renders
 def test_the_bundled_vae_carries_thick_outlines_better_than_thin_ones() -> None:
     """Why the outline adapter's width matters: an adapter changes only the transformer, and the bundled
     VAE (trained on filled shapes) blurs thin strokes into other colours (docs/models.md)."""
