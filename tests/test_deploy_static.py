@@ -421,6 +421,7 @@ def test_redis_requires_the_password_and_caps_its_memory() -> None:
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
 
 
+@pytest.mark.slow  # starts a real redis-server and waits for it
 def test_redis_and_its_health_check_with_the_password(tmp_path: Path) -> None:
     """Redis started with compose's command (on a free port) refuses clients without the password, and
     the health check passes with the service's REDISCLI_AUTH only."""
