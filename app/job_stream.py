@@ -98,10 +98,12 @@ async def _read_events(waits: Any, job_id: str, cursor: str, block_ms: int | Non
     ended = ended_key(job_id)
     read = asyncio.ensure_future(waits.xread({key: cursor}, block=block_ms))
     end = asyncio.ensure_future(waits.blmove(ended, ended, block_ms / 1000, "RIGHT", "LEFT"))
-    done, pending = await asyncio.wait({read, end}, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()  # redis-py drops the connection of a cancelled blocking command
-    await asyncio.gather(*pending, return_exceptions=True)
+    try:
+        done, _ = await asyncio.wait({read, end}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the stream itself is cancelled (its client went away)
+        for task in (read, end):
+            task.cancel()  # none on a finished task; redis-py drops a cancelled command's connection
+    await asyncio.gather(read, end, return_exceptions=True)
     if read in done:
         return read.result()
     end.result()  # a Redis error here is the stream's, as the read's would be

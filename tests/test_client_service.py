@@ -288,7 +288,8 @@ def test_generate_fails_with_the_apis_error(service: Service, tmp_path: Path) ->
 
 
 def test_ctrl_c_cancels_the_job(service: Service, tmp_path: Path) -> None:
-    env = {**os.environ, "DIT_URL": service.base_url}
+    # PYTHONFAULTHANDLER: if the command ever hangs, a SIGABRT makes it print where (every thread)
+    env = {**os.environ, "DIT_URL": service.base_url, "PYTHONFAULTHANDLER": "1"}
     with paused(service.workers[0]):  # the job stays queued, however fast the machine
         process = subprocess.Popen(
             [sys.executable, "-m", "cli", "generate", "red circle", "-o", "never.png"],
@@ -299,7 +300,12 @@ def test_ctrl_c_cancels_the_job(service: Service, tmp_path: Path) -> None:
         assert " queued" in first, first
         job_id = first.split()[1]
         process.send_signal(signal.SIGINT)
-        _, rest = process.communicate(timeout=CLI_TIMEOUT_S)
+        try:
+            _, rest = process.communicate(timeout=CLI_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, stacks = process.communicate(timeout=30)
+            pytest.fail(f"dit-serve generate hung after Ctrl-C; its threads:\n{stacks}")
     assert process.returncode == 130, rest
     assert f"canceled job {job_id}" in rest
     with Client(service.base_url) as client:
