@@ -136,7 +136,7 @@ class ContinuousRun:
         # The run's own before any row is added: if adding fails, the run fails them with the rest.
         self.jobs.update((ticket.job_id, ticket) for ticket in tickets)
         if self.batch.bank is not None and any(ticket.request.loras for ticket in tickets):
-            admitted = with_adapters(self.batch.bank, tickets, self.ledger.fail)
+            admitted = with_adapters(self.batch.bank, tickets, self.ledger)
             refused = [ticket.job_id for ticket in tickets if ticket not in admitted]
             for job_id in refused:  # failed already: not the run's to settle
                 del self.jobs[job_id]

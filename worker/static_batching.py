@@ -14,7 +14,7 @@ import torch
 from redis.exceptions import RedisError
 
 from dit_serve.events import PreviewEvent
-from dit_serve.jobs import LORA_UNAVAILABLE_ERROR, SAMPLING_FAILED_ERROR, JobError
+from dit_serve.jobs import LORA_UNAVAILABLE_ERROR, SAMPLING_FAILED_ERROR
 from models.loading import LoadedModel
 from worker.batching import Batch, JobTicket
 from worker.fill_window import FillWindow
@@ -96,7 +96,7 @@ class StaticBatching:
         """
         if any(ticket.request.loras for ticket in tickets):
             bank = adapter_bank(model.transformer, self.ledger.storage)
-            tickets = with_adapters(bank, tickets, self.ledger.fail)
+            tickets = with_adapters(bank, tickets, self.ledger)
             if not tickets:
                 return
         batch = Batch.from_tickets(tickets)
@@ -216,9 +216,7 @@ class StaticBatching:
         return pixels
 
 
-def with_adapters(
-    bank: AdapterBank, tickets: Sequence[JobTicket], fail: Callable[[JobTicket, JobError], None]
-) -> list[JobTicket]:
+def with_adapters(bank: AdapterBank, tickets: Sequence[JobTicket], ledger: JobLedger) -> list[JobTicket]:
     """The tickets whose adapters all load, before they sample; each other one is failed
     `lora_unavailable` here, so that an adapter removed after its job was accepted (or damaged in
     storage) costs that job alone, not a failed batch tried again apart or a continuous run restarted."""
@@ -230,7 +228,7 @@ def with_adapters(
         missing = [failed[lora] for lora in ticket.request.loras if lora in failed]
         if missing:
             log.error("job %s: %s", ticket.job_id, "; ".join(map(str, missing)))
-            fail(ticket, LORA_UNAVAILABLE_ERROR)
+            ledger.fail(ticket, LORA_UNAVAILABLE_ERROR)
         else:
             kept.append(ticket)
     return kept
